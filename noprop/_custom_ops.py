@@ -1,0 +1,202 @@
+"""``torch.library`` registration of the fused ops (``noprop::*``) with fake kernels and autograd.
+
+Every op takes the name of a fused backend (``"triton"`` or ``"cuda"``) as its last argument and
+forwards to that backend's implementation module, :mod:`noprop.kernels` or :mod:`noprop._ext`.
+Both modules expose the same functions with the same normalised inputs (contiguous tensors,
+coefficients as float32 ``[T, B]`` or ``[N]``, seeds as int64 ``[1]`` on the data's device):
+
+========================================  ====================================================
+``normal(seed, shape, offset)``           float32 ``shape``
+``noised_latents_forward(W, y, a, b, seed)``  ``z [T, B, D]``
+``noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)``  ``(gW [C, D], ga [T, B], gb [T, B])``; an unneeded gradient may be an empty tensor
+``denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout)``  ``(loss [], row_sq_error [T, B])``
+``denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout, needs_W)``  ``(glogits [T, B, C], gW [C, D])``
+``latent_update(logits, W, z, p, q, r, seed, readout)``  ``z_new [N, D]``
+========================================  ====================================================
+
+``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2``, the per-row error the forward saves so
+the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
+``T * B * D`` is saved for the backward: the noise is regenerated from the seed.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+def _backend_module(backend: str) -> ModuleType:
+    if backend == "triton":
+        from noprop import kernels
+
+        return kernels
+    if backend == "cuda":
+        from noprop import _ext
+
+        return _ext
+    raise ValueError(f"backend: expected 'triton' or 'cuda' for a fused op, got {backend!r}")
+
+
+def _empty_if(needed: bool, like: Tensor) -> Tensor:
+    return torch.empty_like(like) if needed else like.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------------------------- normal
+
+
+@torch.library.custom_op("noprop::normal", mutates_args=())
+def normal(seed: Tensor, shape: List[int], offset: int, backend: str) -> Tensor:
+    """Noise-contract normals on a fused backend (see :func:`noprop.ops.normal`)."""
+    return _backend_module(backend).normal(seed, tuple(shape), offset)
+
+
+@normal.register_fake
+def _normal_fake(seed: Tensor, shape: List[int], offset: int, backend: str) -> Tensor:
+    return seed.new_empty(shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- noised_latents
+
+
+@torch.library.custom_op("noprop::noised_latents", mutates_args=())
+def noised_latents(W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor, backend: str) -> Tensor:
+    """``z[t, i] = a[t, i] W[y_i] + b[t, i] eps[t, i]`` on a fused backend (see :func:`noprop.ops.noised_latents`)."""
+    return _backend_module(backend).noised_latents_forward(W, y, a, b, seed)
+
+
+@noised_latents.register_fake
+def _noised_latents_fake(W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor, backend: str) -> Tensor:
+    return W.new_empty((a.shape[0], y.shape[0], W.shape[1]))
+
+
+@torch.library.custom_op("noprop::noised_latents_backward", mutates_args=())
+def noised_latents_backward(
+    grad_z: Tensor,
+    W: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    seed: Tensor,
+    backend: str,
+    needs_W: bool,
+    needs_a: bool,
+    needs_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`noised_latents` for ``W``, ``a`` and ``b``, regenerating the noise."""
+    gW, ga, gb = _backend_module(backend).noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)
+    return gW, ga, gb
+
+
+@noised_latents_backward.register_fake
+def _noised_latents_backward_fake(grad_z, W, y, a, b, seed, backend, needs_W, needs_a, needs_b):
+    return _empty_if(needs_W, W), _empty_if(needs_a, a), _empty_if(needs_b, b)
+
+
+def _noised_latents_setup(ctx, inputs, output) -> None:
+    W, y, a, b, seed, backend = inputs
+    ctx.save_for_backward(W, y, a, b, seed)
+    ctx.backend = backend
+
+
+def _noised_latents_grad(ctx, grad_z: Tensor):
+    W, y, a, b, seed = ctx.saved_tensors
+    needs_W, _, needs_a, needs_b = ctx.needs_input_grad[:4]
+    gW, ga, gb = noised_latents_backward(grad_z.contiguous(), W, y, a, b, seed, ctx.backend, needs_W, needs_a, needs_b)
+    return (gW if needs_W else None, None, ga if needs_a else None, gb if needs_b else None, None, None)
+
+
+noised_latents.register_autograd(_noised_latents_grad, setup_context=_noised_latents_setup)
+
+
+# ---------------------------------------------------------------------------------------------- denoising_loss
+
+
+@torch.library.custom_op("noprop::denoising_loss", mutates_args=())
+def denoising_loss(
+    logits: Tensor,
+    W: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    noise_coef: Optional[Tensor],
+    seed: Optional[Tensor],
+    readout: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, row_sq_error)`` of the weighted denoising loss (see :func:`noprop.ops.denoising_loss`)."""
+    loss, row_sq_error = _backend_module(backend).denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout)
+    return loss, row_sq_error
+
+
+@denoising_loss.register_fake
+def _denoising_loss_fake(logits, W, y, weight, noise_coef, seed, readout, backend):
+    T, B, _ = logits.shape
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((T, B), dtype=torch.float32)
+
+
+@torch.library.custom_op("noprop::denoising_loss_backward", mutates_args=())
+def denoising_loss_backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    W: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    noise_coef: Optional[Tensor],
+    seed: Optional[Tensor],
+    readout: str,
+    backend: str,
+    needs_W: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of the denoising loss for ``logits`` and ``W``, regenerating the noise."""
+    glogits, gW = _backend_module(backend).denoising_loss_backward(
+        grad_loss, logits, W, y, weight, noise_coef, seed, readout, needs_W
+    )
+    return glogits, gW
+
+
+@denoising_loss_backward.register_fake
+def _denoising_loss_backward_fake(grad_loss, logits, W, y, weight, noise_coef, seed, readout, backend, needs_W):
+    return torch.empty_like(logits), _empty_if(needs_W, W)
+
+
+def _denoising_loss_setup(ctx, inputs, output) -> None:
+    logits, W, y, weight, noise_coef, seed, readout, backend = inputs
+    _, row_sq_error = output
+    ctx.mark_non_differentiable(row_sq_error)
+    ctx.save_for_backward(logits, W, y, weight, noise_coef, seed, row_sq_error)
+    ctx.readout = readout
+    ctx.backend = backend
+
+
+def _denoising_loss_grad(ctx, grad_loss: Tensor, _grad_row_sq_error: Optional[Tensor]):
+    logits, W, y, weight, noise_coef, seed, row_sq_error = ctx.saved_tensors
+    needs_logits, needs_W, _, needs_weight = ctx.needs_input_grad[:4]
+    glogits = gW = gweight = None
+    if needs_logits or needs_W:
+        glogits, gW = denoising_loss_backward(
+            grad_loss.float().contiguous(), logits, W, y, weight, noise_coef, seed, ctx.readout, ctx.backend, needs_W
+        )
+    if needs_weight:
+        gweight = row_sq_error * (grad_loss.float() / logits.shape[1])
+    return (glogits if needs_logits else None, gW if needs_W else None, None, gweight, None, None, None, None)
+
+
+denoising_loss.register_autograd(_denoising_loss_grad, setup_context=_denoising_loss_setup)
+
+
+# ---------------------------------------------------------------------------------------------- latent_update
+
+
+@torch.library.custom_op("noprop::latent_update", mutates_args=())
+def latent_update(
+    logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str, backend: str
+) -> Tensor:
+    """``z_new = p readout(logits) @ W + q z + r eps`` on a fused backend (inference only)."""
+    return _backend_module(backend).latent_update(logits, W, z, p, q, r, seed, readout)
+
+
+@latent_update.register_fake
+def _latent_update_fake(logits, W, z, p, q, r, seed, readout, backend):
+    return torch.empty_like(z)

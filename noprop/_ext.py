@@ -1,0 +1,84 @@
+"""The ``cuda`` backend: thin adapter from the fused-op interface to the C++/CUDA extension.
+
+``noprop._C`` is built from ``csrc/`` by ``setup.py``. It registers its ops in the
+``torch.ops.noprop_ext`` namespace with a CPU kernel (host loops) and, when compiled with nvcc, a
+CUDA kernel; both run the same per-element code from ``csrc/noprop_math.h``. The functions here
+take the normalised inputs described in :mod:`noprop._custom_ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[ModuleType | None, str]:
+    """Import the extension once. Returns ``(module, "")`` or ``(None, why it failed)``."""
+    try:
+        from noprop import _C  # type: ignore[attr-defined]
+    except ImportError as error:
+        return None, str(error) or "ImportError"
+    return _C, ""
+
+
+def has_cuda_kernels() -> bool:
+    """True if the extension was compiled with its CUDA kernels (nvcc present at build time)."""
+    module, _ = load()
+    return module is not None and bool(module.compiled_with_cuda())
+
+
+def _ops():
+    module, error = load()
+    if module is None:
+        raise RuntimeError(f"the C++/CUDA extension noprop._C is not built: {error}")
+    return torch.ops.noprop_ext
+
+
+def normal(seed: Tensor, shape: tuple[int, ...], offset: int) -> Tensor:
+    """float32 normals of the noise contract, element ``k`` from counter ``offset + k``."""
+    return _ops().normal(seed, list(shape), offset)
+
+
+def noised_latents_forward(W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor) -> Tensor:
+    """``z [T, B, D]`` with ``z[t, i] = a[t, i] W[y_i] + b[t, i] eps[t, i]``."""
+    return _ops().noised_latents_forward(W, y, a, b, seed)
+
+
+def noised_latents_backward(
+    grad_z: Tensor, W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor, needs_W: bool, needs_a: bool, needs_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gW [C, D], ga [T, B], gb [T, B])``; unneeded ones may be empty."""
+    return _ops().noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)
+
+
+def denoising_loss_forward(
+    logits: Tensor, W: Tensor, y: Tensor, weight: Tensor, noise_coef: Tensor | None, seed: Tensor | None, readout: str
+) -> tuple[Tensor, Tensor]:
+    """``(loss [], row_sq_error [T, B])`` of the weighted denoising loss."""
+    return _ops().denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout == "softmax")
+
+
+def denoising_loss_backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    W: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    noise_coef: Tensor | None,
+    seed: Tensor | None,
+    readout: str,
+    needs_W: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(glogits [T, B, C], gW [C, D])``; ``gW`` may be empty when not needed."""
+    return _ops().denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout == "softmax", needs_W)
+
+
+def latent_update(
+    logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str
+) -> Tensor:
+    """``z_new [N, D] = p readout(logits) @ W + q z + r eps``."""
+    return _ops().latent_update(logits, W, z, p, q, r, seed, readout == "softmax")

@@ -1,0 +1,1 @@
+"""NoProp models: DT, CT, FM and the back-propagation baseline."""

@@ -1,0 +1,98 @@
+"""Plain-PyTorch implementation of every fused op: the CPU fallback and the test oracle.
+
+Each function computes its op with ordinary differentiable tensor operations, so its gradients
+come from autograd and are independent of the hand-written backward passes of the fused
+backends. Inputs arrive normalised by :mod:`noprop.ops` (coefficients expanded to ``[T, B]`` or
+``[N]``, seeds as int64 tensors of shape ``[1]``); see that module for the public contracts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from noprop import rng
+
+READOUTS = ("softmax", "linear")
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def readout(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Class weights from logits ``[..., C]``: ``softmax(logits)`` or ``logits`` itself, at least float32."""
+    logits = _upcast(logits)
+    if kind == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if kind == "linear":
+        return logits
+    raise ValueError(f"readout: expected one of {READOUTS}, got {kind!r}")
+
+
+def normal(seed: torch.Tensor, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+    """``eps = normal(seed, shape, offset)`` of the noise contract (:func:`noprop.rng.normal`)."""
+    return rng.normal(seed, shape, offset=offset, device=seed.device)
+
+
+def noised_latents(
+    W: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seed: torch.Tensor
+) -> torch.Tensor:
+    """``z[t, i] = a[t, i] * W[y_i] + b[t, i] * eps[t, i]`` with ``eps = normal(seed, (T, B, D))``.
+
+    Shapes: ``W [C, D]``, ``y [B]`` int64, ``a, b [T, B]``, ``seed [1]``; returns ``z [T, B, D]``.
+    """
+    T, B = a.shape
+    eps = normal(seed, (T, B, W.shape[1]))
+    return a.unsqueeze(-1) * W[y] + b.unsqueeze(-1) * eps.to(W.dtype)
+
+
+def denoising_loss(
+    logits: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    noise_coef: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    readout_kind: str,
+) -> torch.Tensor:
+    """SNR-weighted L2 between the read-out embedding and the (optionally noised) target.
+
+    ``u_hat[t, i] = readout(logits[t, i]) @ W``, ``target[t, i] = W[y_i] + c[t, i] * eps[t, i]``
+    (no noise term when ``noise_coef`` is None), and the loss is
+    ``sum_{t, i} weight[t, i] * ||u_hat[t, i] - target[t, i]||^2 / B``.
+
+    Shapes: ``logits [T, B, C]``, ``W [C, D]``, ``y [B]``, ``weight, noise_coef [T, B]``;
+    returns a float32 scalar.
+    """
+    T, B, _ = logits.shape
+    probs = readout(logits, readout_kind)
+    W = W.to(probs.dtype)
+    u_hat = probs @ W
+    target = W[y]
+    if noise_coef is not None:
+        target = target + noise_coef.unsqueeze(-1) * normal(seed, (T, B, W.shape[1])).to(W.dtype)
+    squared_error = (u_hat - target).square().sum(dim=-1)
+    return (weight.to(W.dtype) * squared_error).sum() / B
+
+
+def latent_update(
+    logits: torch.Tensor,
+    W: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    r: torch.Tensor,
+    seed: torch.Tensor,
+    readout_kind: str,
+) -> torch.Tensor:
+    """``z_new = p * readout(logits) @ W + q * z + r * normal(seed, z.shape)``.
+
+    Shapes: ``logits [N, C]``, ``W [C, D]``, ``z [N, D]``, ``p, q, r [N]``; returns ``[N, D]``
+    in ``z``'s dtype.
+    """
+    probs = readout(logits, readout_kind)
+    u_hat = probs @ W.to(probs.dtype)
+    eps = normal(seed, tuple(z.shape))
+    z_new = p.unsqueeze(-1) * u_hat + q.unsqueeze(-1) * _upcast(z) + r.unsqueeze(-1) * eps
+    return z_new.to(z.dtype)
