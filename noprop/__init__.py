@@ -1,7 +1,35 @@
-"""noprop: NoProp training (Li, Teh, Pascanu 2025) with fused Triton and CUDA kernels."""
+"""noprop: NoProp training (Li, Teh, Pascanu 2025) with fused Triton and CUDA kernels.
+
+Models: :class:`NoPropDT`, :class:`NoPropCT`, :class:`NoPropFM` and the :class:`Backprop`
+baseline. Fused ops and their backends: :mod:`noprop.ops`. Training: :mod:`noprop.train` and the
+``noprop`` command line.
+"""
 
 from noprop import ops
+from noprop.blocks import BlockConfig, DTBlock, TimeBlock
+from noprop.embeddings import LabelEmbedding
+from noprop.models import METHODS, Backprop, NoPropCT, NoPropDT, NoPropFM, NoPropModel, build_model
 from noprop.ops import available_backends
+from noprop.schedules import CosineSchedule, LearnableSchedule
+from noprop.stack import BlockList
 
-__all__ = ["ops", "available_backends"]
 __version__ = "0.1.0"
+
+__all__ = [
+    "Backprop",
+    "BlockConfig",
+    "BlockList",
+    "CosineSchedule",
+    "DTBlock",
+    "LabelEmbedding",
+    "LearnableSchedule",
+    "METHODS",
+    "NoPropCT",
+    "NoPropDT",
+    "NoPropFM",
+    "NoPropModel",
+    "TimeBlock",
+    "available_backends",
+    "build_model",
+    "ops",
+]

@@ -303,7 +303,8 @@ def denoising_loss(
     noise_coef: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_row_errors: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SNR-weighted L2 loss of all T blocks, from their logits, in one op.
 
     ``u_hat[t, i] = readout(logits[t, i]) @ W`` with ``readout`` softmax (DT, CT) or linear (FM);
@@ -321,9 +322,12 @@ def denoising_loss(
         noise_coef: ``[T]`` or ``[T, B]`` noise coefficient of the target (FM: ``-1``), or None.
         seed: the seed of the noise; required when ``noise_coef`` is given.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        return_row_errors: also return the per-row squared errors (for per-block logging).
 
     Returns:
-        float32 scalar.
+        The float32 scalar loss, or ``(loss, row_sq_error)`` with the detached
+        ``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2`` ``[T, B]`` when
+        ``return_row_errors`` is set.
     """
     logits = check_tensor("logits", logits)
     check_floating("logits", logits)
@@ -345,13 +349,14 @@ def denoising_loss(
         seed_tensor = rng.as_seed_tensor(seed, device)
     chosen = resolve_backend(backend, device, (logits.dtype, W.dtype))
     if chosen == "reference":
-        return reference.denoising_loss(logits, W, y, weight, noise_coef, seed_tensor, readout)
-    from noprop import _custom_ops
+        loss, row_sq_error = reference.denoising_loss(logits, W, y, weight, noise_coef, seed_tensor, readout)
+    else:
+        from noprop import _custom_ops
 
-    loss, _ = _custom_ops.denoising_loss(
-        logits.contiguous(), W.contiguous(), y, weight, noise_coef, seed_tensor, readout, chosen
-    )
-    return loss
+        loss, row_sq_error = _custom_ops.denoising_loss(
+            logits.contiguous(), W.contiguous(), y, weight, noise_coef, seed_tensor, readout, chosen
+        )
+    return (loss, row_sq_error) if return_row_errors else loss
 
 
 def latent_update(

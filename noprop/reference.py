@@ -55,7 +55,7 @@ def denoising_loss(
     noise_coef: torch.Tensor | None,
     seed: torch.Tensor | None,
     readout_kind: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SNR-weighted L2 between the read-out embedding and the (optionally noised) target.
 
     ``u_hat[t, i] = readout(logits[t, i]) @ W``, ``target[t, i] = W[y_i] + c[t, i] * eps[t, i]``
@@ -63,7 +63,8 @@ def denoising_loss(
     ``sum_{t, i} weight[t, i] * ||u_hat[t, i] - target[t, i]||^2 / B``.
 
     Shapes: ``logits [T, B, C]``, ``W [C, D]``, ``y [B]``, ``weight, noise_coef [T, B]``;
-    returns a float32 scalar.
+    returns ``(loss, row_sq_error)``: the scalar loss and the detached per-row squared errors
+    ``||u_hat[t, i] - target[t, i]||^2`` ``[T, B]``.
     """
     T, B, _ = logits.shape
     probs = readout(logits, readout_kind)
@@ -73,7 +74,7 @@ def denoising_loss(
     if noise_coef is not None:
         target = target + noise_coef.unsqueeze(-1) * normal(seed, (T, B, W.shape[1])).to(W.dtype)
     squared_error = (u_hat - target).square().sum(dim=-1)
-    return (weight.to(W.dtype) * squared_error).sum() / B
+    return (weight.to(W.dtype) * squared_error).sum() / B, squared_error.detach()
 
 
 def latent_update(

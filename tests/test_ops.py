@@ -163,9 +163,11 @@ def test_denoising_loss_matches_reference(backend, T, B, C, D, readout, noisy, p
     results = {}
     for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (logits, W, weight)]
-        loss = ops.denoising_loss(*leaves[:2], y, leaves[2], readout=readout, noise_coef=noise_coef, seed=11, backend=name)
-        results[name] = (loss.detach(), *_grads(loss, leaves, upstream))
-    for label, expected, actual in zip(("loss", "dlogits", "dW", "dweight"), results["reference"], results[backend]):
+        loss, rows = ops.denoising_loss(
+            *leaves[:2], y, leaves[2], readout=readout, noise_coef=noise_coef, seed=11, backend=name, return_row_errors=True
+        )
+        results[name] = (loss.detach(), rows, *_grads(loss, leaves, upstream))
+    for label, expected, actual in zip(("loss", "row errors", "dlogits", "dW", "dweight"), results["reference"], results[backend]):
         assert actual.shape == expected.shape, label
         assert_close(actual, expected, msg=label)
 
@@ -238,7 +240,7 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda W, a, b: reference.noised_latents(W, y, a, b, seed), (W, a, b))
     for readout, coef in (("softmax", None), ("linear", -torch.ones(T, B, dtype=torch.float64))):
         assert torch.autograd.gradcheck(
-            lambda logits, W, weight: reference.denoising_loss(logits, W, y, weight, coef, seed, readout),
+            lambda logits, W, weight: reference.denoising_loss(logits, W, y, weight, coef, seed, readout)[0],
             (logits, W, weight),
         )
 

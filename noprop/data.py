@@ -1,0 +1,391 @@
+"""Datasets as whole tensors on the training device, and a loader that batches from there.
+
+Sources, tried in this order:
+
+1. ``data_dir`` (``--data-dir``): a folder with the IDX files of MNIST / Fashion-MNIST (for example
+   ``/usr/share/datasets/fashion-mnist`` from Debian's ``dataset-fashion-mnist``) or the python
+   pickles of CIFAR-10 / CIFAR-100 (``cifar-10-batches-py``, ``cifar-100-python``), searched
+   recursively. A missing folder or missing files are an error.
+2. torchvision, downloading into ``root`` (default ``~/.cache/noprop/data`` or ``$NOPROP_DATA``).
+3. If the download fails (no network), scikit-learn's bundled 8x8 handwritten digits (1,797 real
+   images): a loud warning says so and :attr:`ImageDataset.name` records the dataset actually used.
+
+Images become float32, scaled to ``[0, 1]`` and standardised with the training set's per-channel
+mean and standard deviation. Values are checked once here (finite images, labels in range), so the
+training step needs no value checks that would synchronise the GPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+import pickle
+import sys
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from noprop.validation import check_choice
+
+DATASETS = {  # name: (channels, image size, classes)
+    "mnist": (1, 28, 10),
+    "fashion-mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+}
+OFFLINE_FALLBACK = "sklearn-digits"
+FALLBACK_TEST_FRACTION = 0.2
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass
+class ImageDataset:
+    """A classification dataset held as tensors.
+
+    Attributes:
+        name: the dataset actually used (may be the offline fallback).
+        requested: the dataset that was asked for.
+        source: where it came from (a folder, torchvision, scikit-learn).
+        train_x, test_x: float32 images ``[N, C, H, W]``, standardised.
+        train_y, test_y: int64 labels ``[N]``.
+        num_classes: number of classes.
+        mean, std: the per-channel statistics used to standardise (from the training images).
+        fallback_reason: why the requested dataset was replaced, or None.
+    """
+
+    name: str
+    requested: str
+    source: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    fallback_reason: str | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)``."""
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "ImageDataset":
+        """The same dataset with its tensors on ``device``."""
+        return replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
+        )
+
+    def describe(self) -> dict:
+        """What was used, for metrics files and checkpoints."""
+        return {
+            "name": self.name,
+            "requested": self.requested,
+            "source": self.source,
+            "train_examples": int(self.train_x.shape[0]),
+            "test_examples": int(self.test_x.shape[0]),
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "mean": self.mean,
+            "std": self.std,
+            "fallback_reason": self.fallback_reason,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped): uint8 images ``[N, H, W]`` or labels ``[N]``."""
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    if data[2] != 0x08:
+        raise ValueError(f"{path}: expected unsigned-byte IDX data (type 0x08), got type {data[2]:#04x}")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) if dims else 0
+    if len(data) - offset != expected:
+        raise ValueError(f"{path}: header promises {expected} values, file holds {len(data) - offset}")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy())
+
+
+def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
+    for candidate in sorted(directory.rglob(stem + "*")):
+        if candidate.name in (stem, stem + ".gz"):
+            return candidate
+    return None
+
+
+def load_idx_folder(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The four MNIST-format IDX files found (recursively) in ``directory``, as uint8 tensors.
+
+    Returns ``{"train_x": [N, 1, H, W], "train_y": [N], "test_x": ..., "test_y": ...}``.
+
+    Raises:
+        ValueError: a file is missing (the message lists what was looked for).
+    """
+    directory = pathlib.Path(directory)
+    found = {key: _find_file(directory, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] for key, path in found.items() if path is None]
+    if missing:
+        raise ValueError(f"data_dir: {directory} lacks the IDX files {missing} (optionally .gz)")
+    arrays = {key: read_idx(path) for key, path in found.items()}
+    arrays["train_x"] = arrays["train_x"].unsqueeze(1)
+    arrays["test_x"] = arrays["test_x"].unsqueeze(1)
+    return arrays
+
+
+def _unpickle(path: pathlib.Path) -> dict:
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="latin1")
+
+
+def load_cifar_folder(directory: str | os.PathLike, num_classes: int) -> dict[str, torch.Tensor]:
+    """CIFAR-10 (``data_batch_1..5``, ``test_batch``) or CIFAR-100 (``train``, ``test``) pickles under ``directory``.
+
+    Returns uint8 images ``[N, 3, 32, 32]`` and int64 labels, keyed like :func:`load_idx_folder`.
+    """
+    directory = pathlib.Path(directory)
+    if num_classes == 10:
+        folder_name, train_names, test_name, label_key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"
+    else:
+        folder_name, train_names, test_name, label_key = "cifar-100-python", ["train"], "test", "fine_labels"
+    candidates = [directory, directory / folder_name, *directory.rglob(folder_name)]
+    folder = next((c for c in candidates if (c / test_name).is_file()), None)
+    if folder is None:
+        raise ValueError(f"data_dir: {directory} holds no {folder_name} folder with {train_names + [test_name]}")
+
+    def read(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [_unpickle(folder / name) for name in names]
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+    train_x, train_y = read(train_names)
+    test_x, test_y = read([test_name])
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def _download_with_torchvision(name: str, root: pathlib.Path) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    constructor = {
+        "mnist": torchvision.datasets.MNIST,
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "cifar100": torchvision.datasets.CIFAR100,
+    }[name]
+    splits = {}
+    for split in ("train", "test"):
+        dataset = constructor(str(root), train=split == "train", download=True)
+        images = torch.as_tensor(np.asarray(dataset.data))
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        splits[f"{split}_x"] = images.contiguous()
+        splits[f"{split}_y"] = torch.as_tensor(np.asarray(dataset.targets)).long()
+    return splits
+
+
+def _sklearn_digits(seed: int) -> dict[str, torch.Tensor]:
+    """scikit-learn's 1,797 bundled 8x8 digits (pixel values 0..16), split 80/20 per class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).long()
+    generator = torch.Generator().manual_seed(seed)
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        test_mask[members[: round(len(members) * FALLBACK_TEST_FRACTION)]] = True
+    return {"train_x": images[~test_mask], "train_y": labels[~test_mask], "test_x": images[test_mask], "test_y": labels[test_mask]}
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+def from_uint8(
+    name: str,
+    requested: str,
+    source: str,
+    arrays: dict[str, torch.Tensor],
+    num_classes: int,
+    fallback_reason: str | None = None,
+) -> ImageDataset:
+    """Standardise uint8 images with the training set's per-channel statistics and check the values once.
+
+    Raises:
+        ValueError: labels outside ``[0, num_classes)`` or image/label counts that differ.
+    """
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{source}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{source}: {split} labels outside [0, {num_classes})")
+    train = arrays["train_x"].float().div_(255.0)
+    test = arrays["test_x"].float().div_(255.0)
+    mean = train.mean(dim=(0, 2, 3))
+    std = train.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    scale = (lambda images: (images - mean[None, :, None, None]) / std[None, :, None, None])
+    return ImageDataset(
+        name=name,
+        requested=requested,
+        source=source,
+        train_x=scale(train).contiguous(),
+        train_y=arrays["train_y"].long(),
+        test_x=scale(test).contiguous(),
+        test_y=arrays["test_y"].long(),
+        num_classes=num_classes,
+        mean=mean.tolist(),
+        std=std.tolist(),
+        fallback_reason=fallback_reason,
+    )
+
+
+def default_root() -> pathlib.Path:
+    """Where torchvision downloads go: ``$NOPROP_DATA`` or ``~/.cache/noprop/data``."""
+    return pathlib.Path(os.environ.get("NOPROP_DATA", pathlib.Path.home() / ".cache" / "noprop" / "data"))
+
+
+def _warn_fallback(requested: str, reason: str) -> None:
+    banner = "=" * 78
+    message = (
+        f"\n{banner}\nOFFLINE FALLBACK: could not obtain {requested!r} ({reason}).\n"
+        f"Training on scikit-learn's bundled 8x8 digits ({OFFLINE_FALLBACK}) instead; every metric\n"
+        f"below is for that dataset, not {requested!r}. Pass --data-dir to use local files.\n{banner}\n"
+    )
+    print(message, file=sys.stderr, flush=True)
+    warnings.warn(f"dataset {requested!r} unavailable ({reason}); using {OFFLINE_FALLBACK}", RuntimeWarning, stacklevel=3)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load ``name`` (see the module docstring for the order of sources) as standardised tensors.
+
+    Args:
+        name: ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"`` or ``"cifar100"``.
+        data_dir: a folder of local files to read instead of downloading.
+        root: torchvision's download folder (default :func:`default_root`).
+        download: allow torchvision to download; without it a missing dataset falls back at once.
+        train_limit: keep this many training images (a seeded random subset).
+        eval_limit: keep the first this many test images.
+        seed: seed of the training subset and of the fallback's split.
+
+    Raises:
+        ValueError: unknown dataset, a missing ``data_dir`` or files missing from it, bad limits.
+    """
+    check_choice("dataset", name, tuple(DATASETS))
+    _check_limits(train_limit, eval_limit)
+    channels, _, num_classes = DATASETS[name]
+    if data_dir is not None:
+        directory = pathlib.Path(data_dir)
+        if not directory.is_dir():
+            raise ValueError(f"data_dir: {directory} is not a directory")
+        arrays = load_idx_folder(directory) if channels == 1 else load_cifar_folder(directory, num_classes)
+        dataset = from_uint8(name, name, f"local files in {directory}", arrays, num_classes)
+    else:
+        root = pathlib.Path(root) if root is not None else default_root()
+        try:
+            if not download:
+                raise RuntimeError("downloads are disabled")
+            arrays = _download_with_torchvision(name, root)
+            dataset = from_uint8(name, name, f"torchvision ({root})", arrays, num_classes)
+        except Exception as error:  # no network, a broken mirror, a partial download
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            _warn_fallback(name, reason)
+            arrays = _sklearn_digits(seed)
+            dataset = from_uint8(OFFLINE_FALLBACK, name, "scikit-learn load_digits (offline fallback)", arrays, 10, reason)
+    return limit(dataset, train_limit, eval_limit, seed)
+
+
+def _check_limits(train_limit: int | None, eval_limit: int | None) -> None:
+    for label, value in (("train_limit", train_limit), ("eval_limit", eval_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{label}: expected a positive number of images, got {value}")
+
+
+def limit(dataset: ImageDataset, train_limit: int | None, eval_limit: int | None, seed: int = 0) -> ImageDataset:
+    """Keep a seeded random ``train_limit`` training images and the first ``eval_limit`` test images."""
+    _check_limits(train_limit, eval_limit)
+    train_x, train_y = dataset.train_x, dataset.train_y
+    if train_limit is not None and train_limit < train_x.shape[0]:
+        keep = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:train_limit]
+        train_x, train_y = train_x[keep], train_y[keep]
+    test_x, test_y = dataset.test_x[:eval_limit], dataset.test_y[:eval_limit]
+    return replace(dataset, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+class BatchLoader:
+    """Minibatches of tensors that already live on the training device (no per-sample Python work).
+
+    Each epoch draws one permutation from ``generator`` (a CPU ``torch.Generator``, so runs are
+    reproducible and resumable) and gathers batches with ``index_select`` on the device.
+
+    Args:
+        x: images ``[N, ...]``; y: labels ``[N]`` on the same device.
+        batch_size: examples per batch.
+        shuffle: reshuffle every epoch.
+        generator: the shuffling generator (required when ``shuffle``).
+        drop_last: drop the last incomplete batch (static shapes for CUDA graphs).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        if shuffle and generator is None:
+            raise ValueError("generator: required when shuffle=True (it makes epochs reproducible)")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = self.x.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = self.x.shape[0]
+        order = None
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.x.device, non_blocking=True)
+        for i in range(len(self)):
+            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if order is None:
+                yield self.x[start:stop], self.y[start:stop]
+            else:
+                index = order[start:stop]
+                yield self.x.index_select(0, index), self.y.index_select(0, index)

@@ -1,0 +1,102 @@
+"""Class-label embeddings ``W_embed [C, D]``: the targets ``u_y = W_embed[y]`` the blocks denoise towards.
+
+* ``onehot``: the fixed identity, ``D = C``.
+* ``learned``: a trained matrix, ``D = 20`` by default, orthogonally initialised.
+* ``prototype``: a trained matrix with ``D`` = the image size, initialised to one real training
+  image per class, the class medoid (the image with the smallest summed distance to the others).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noprop.validation import check_choice, check_labels, check_positive_int
+
+EMBEDDINGS = ("onehot", "learned", "prototype")
+DEFAULT_LEARNED_DIM = 20
+MEDOID_SAMPLE = 1000  # images per class considered for the medoid (pairwise distances are O(n^2))
+
+
+class LabelEmbedding(nn.Module):
+    """The embedding matrix ``weight [C, D]`` of one of the kinds in :data:`EMBEDDINGS`.
+
+    Args:
+        kind: ``"onehot"``, ``"learned"`` or ``"prototype"``.
+        num_classes: ``C``.
+        dim: ``D``; must be ``C`` (or None) for onehot, defaults to 20 for learned, and is
+            required (the flattened image size) for prototype.
+    """
+
+    def __init__(self, kind: str, num_classes: int, dim: int | None = None):
+        super().__init__()
+        self.kind = check_choice("embedding", kind, EMBEDDINGS)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        if kind == "onehot":
+            if dim not in (None, num_classes):
+                raise ValueError(f"embedding_dim: a one-hot embedding has dim = num_classes = {num_classes}, got {dim}")
+            self.register_buffer("weight", torch.eye(num_classes))
+        elif kind == "learned":
+            dim = check_positive_int("embedding_dim", DEFAULT_LEARNED_DIM if dim is None else dim)
+            weight = torch.empty(num_classes, dim)
+            nn.init.orthogonal_(weight)
+            self.weight = nn.Parameter(weight)
+        else:
+            if dim is None:
+                raise ValueError("embedding_dim: a prototype embedding needs dim = the flattened image size")
+            dim = check_positive_int("embedding_dim", dim)
+            self.weight = nn.Parameter(torch.zeros(num_classes, dim))
+        self.register_buffer("initialized", torch.tensor(kind != "prototype"))
+        self._known_ready = kind != "prototype"  # caches ``initialized`` so the check never syncs twice
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension ``D``."""
+        return self.weight.shape[1]
+
+    @property
+    def learnable(self) -> bool:
+        """True if the embedding is trained (learned, prototype)."""
+        return isinstance(self.weight, nn.Parameter)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """``u_y = weight[y]``: ``y [B]`` -> ``[B, D]``."""
+        return self.weight[y]
+
+    @torch.no_grad()
+    def initialize_prototypes(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set each class row to the medoid of that class's training images (prototype kind only).
+
+        Args:
+            images: ``[N, *image_shape]`` training images, preprocessed as the model sees them.
+            labels: ``[N]`` class labels.
+
+        The medoid of class ``c`` is ``argmin_j sum_k ||x_j - x_k||`` over (at most the first
+        1000) images of class ``c``.
+        """
+        if self.kind != "prototype":
+            raise ValueError(f"initialize_prototypes: only a prototype embedding has prototypes, this one is {self.kind!r}")
+        labels = check_labels("labels", labels, self.num_classes, images.shape[0])
+        flat = images.reshape(images.shape[0], -1).float()
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"images: expected {self.dim} values per image (the embedding dim), got {flat.shape[1]}")
+        for c in range(self.num_classes):
+            members = flat[labels == c][:MEDOID_SAMPLE]
+            if members.shape[0] == 0:
+                raise ValueError(f"labels: class {c} has no training images, so it has no prototype")
+            total_distance = torch.cdist(members, members).sum(dim=1)
+            self.weight[c] = members[total_distance.argmin()].to(self.weight.device)
+        self.initialized.fill_(True)
+
+    def check_ready(self) -> None:
+        """Raise if a prototype embedding was never initialised from data (reads the flag once)."""
+        if self._known_ready:
+            return
+        if not bool(self.initialized):
+            raise RuntimeError(
+                "prototype embedding: call model.embedding.initialize_prototypes(images, labels) before training"
+            )
+        self._known_ready = True
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, num_classes={self.num_classes}, dim={self.dim}"

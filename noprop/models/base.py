@@ -1,0 +1,127 @@
+"""What every model shares: configuration, the label embedding, input checks, seeds, ``loss``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noprop import rng
+from noprop.blocks import BlockConfig, feature_map_size
+from noprop.embeddings import LabelEmbedding
+from noprop.objectives import LossTerms
+from noprop.ops import BACKENDS
+from noprop.validation import check_choice, check_images, check_labels, check_positive_int
+
+SOLVERS = ("euler", "heun")
+
+
+class NoPropModel(nn.Module):
+    """Base class of the NoProp models and the back-propagation baseline.
+
+    Args:
+        num_classes: number of classes ``C``.
+        in_channels: image channels (1 for MNIST, 3 for CIFAR).
+        image_size: image height = width (28 for MNIST, 32 for CIFAR; at least 8).
+        embedding: ``"onehot"``, ``"learned"`` or ``"prototype"``.
+        embedding_dim: ``D`` (see :class:`noprop.embeddings.LabelEmbedding`); a prototype
+            embedding always has the image size.
+        width: multiplier of the paper's layer widths (``BlockConfig.scaled``).
+        backend: fused-op backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Subclasses implement :meth:`loss_terms` and :meth:`predict`.
+    """
+
+    method: str = ""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        embedding: str = "onehot",
+        embedding_dim: int | None = None,
+        width: float = 1.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"num_classes: expected at least 2 classes, got {num_classes}")
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.image_size = check_positive_int("image_size", image_size)
+        feature_map_size(image_size)  # rejects images too small for three poolings
+        self.backend = check_choice("backend", backend, ("auto",) + BACKENDS)
+        self.width = float(width)
+        self.block_config = BlockConfig.scaled(width)
+        if embedding == "prototype":
+            prototype_dim = in_channels * image_size * image_size
+            if embedding_dim not in (None, prototype_dim):
+                raise ValueError(f"embedding_dim: a prototype embedding has the image size {prototype_dim}, got {embedding_dim}")
+            embedding_dim = prototype_dim
+        self.embedding = LabelEmbedding(embedding, num_classes, embedding_dim)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(in_channels, image_size, image_size)``."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        """The label embedding dimension ``D``."""
+        return self.embedding.dim
+
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this model (stored in checkpoints)."""
+        return {
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "embedding": self.embedding.kind,
+            "embedding_dim": self.embedding.dim,
+            "width": self.width,
+            "backend": self.backend,
+        }
+
+    def check_inputs(self, x: object, y: object | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate images ``x [B, C_in, H, W]`` (floating, finite, the model's shape) and labels ``y [B]``.
+
+        Raises:
+            TypeError: non-floating images or non-integer labels.
+            ValueError: a shape mismatch, labels outside ``[0, num_classes)``, a label count
+                different from the batch, or NaN/Inf in ``x``.
+        """
+        x = check_images("x", x, self.image_shape)
+        if y is not None:
+            y = check_labels("y", y, self.num_classes, x.shape[0])
+        return x, y
+
+    def draw_seed(self, device: torch.device) -> torch.Tensor:
+        """A fresh noise seed for one step: int64 ``[1]`` drawn on ``device`` from torch's RNG (no host sync)."""
+        return torch.randint(0, rng.SEED_LIMIT // 2, (1,), device=device, dtype=torch.int64)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step's full objective (a scalar to call ``backward`` on)."""
+        return self.loss_terms(x, y).total
+
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> LossTerms:
+        """The objective and its named parts (see :class:`noprop.objectives.LossTerms`)."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        steps: int | None = None,
+        solver: str = "euler",
+        deterministic: bool = False,
+        seed: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class logits ``[B, num_classes]`` from images alone (the label is never read)."""
+        raise NotImplementedError
+
+    def _inference_seed(self, seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        return self.draw_seed(device) if seed is None else rng.as_seed_tensor(seed, device)
+
+    @staticmethod
+    def _check_solver(steps: int | None, solver: str, default_steps: int) -> tuple[int, str]:
+        steps = default_steps if steps is None else check_positive_int("steps", steps)
+        return steps, check_choice("solver", solver, SOLVERS)

@@ -1,0 +1,159 @@
+"""Noise schedules: the fixed cosine schedule of NoProp-DT and the learnable schedule of NoProp-CT.
+
+Orientation (paper): ``alpha_bar`` *increases* with time. ``t = 0`` is (nearly) pure noise and
+``t = T`` (DT) or ``t = 1`` (CT) is (nearly) the clean label embedding, so block ``t`` denoises
+``z_{t-1}`` towards ``u_y``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from noprop.validation import check_positive_int
+
+COSINE_OFFSET = 0.008
+MAX_ALPHA_BAR = 0.999
+
+
+class CosineSchedule:
+    """The DT cosine schedule, precomputed in float64.
+
+    ``alpha_bar_t = min(f(1 - t / T) / f(0), 0.999)`` for ``t = 0..T`` with
+    ``f(tau) = cos^2(pi / 2 * (tau + s) / (1 + s))`` and ``s = 0.008`` (Nichol & Dhariwal's cosine
+    schedule, run backwards in NoProp's orientation). ``f(1 - t/T) / f(0)`` reaches exactly 1 at
+    ``t = T``, where ``SNR`` is infinite, so ``alpha_bar`` is capped at ``0.999``
+    (``SNR(T) = 999``); ``alpha_bar_0 = f(1) / f(0)`` is ~4e-33, pure noise for practical purposes.
+
+    Attributes (float64 CPU tensors; entry ``t - 1`` of a ``[T]`` tensor belongs to step ``t``):
+        alpha_bar ``[T+1]``: increasing.
+        snr ``[T+1]``: ``alpha_bar / (1 - alpha_bar)``.
+        snr_delta ``[T]``: ``SNR(t) - SNR(t-1)``.
+        alpha ``[T]``: ``alpha_{t-1} = alpha_bar_{t-1} / alpha_bar_t``.
+        a, b, c ``[T]``: Eq. 3's coefficients,
+            ``a_t = sqrt(alpha_bar_t) (1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})``,
+            ``b_t = sqrt(alpha_{t-1}) (1 - alpha_bar_t) / (1 - alpha_bar_{t-1})``,
+            ``c_t = (1 - alpha_bar_t) (1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})``.
+    """
+
+    def __init__(self, T: int, offset: float = COSINE_OFFSET, max_alpha_bar: float = MAX_ALPHA_BAR):
+        self.T = check_positive_int("T", T)
+        if not 0.0 < max_alpha_bar < 1.0:
+            raise ValueError(f"max_alpha_bar: expected a value in (0, 1), got {max_alpha_bar}")
+        self.offset = float(offset)
+        self.max_alpha_bar = float(max_alpha_bar)
+        tau = 1.0 - torch.arange(T + 1, dtype=torch.float64) / T
+
+        def f(tau: torch.Tensor | float) -> torch.Tensor:
+            tau = torch.as_tensor(tau, dtype=torch.float64)
+            return torch.cos(math.pi / 2 * (tau + offset) / (1 + offset)) ** 2
+
+        self.alpha_bar = torch.clamp(f(tau) / f(0.0), max=max_alpha_bar)
+        self.snr = self.alpha_bar / (1 - self.alpha_bar)
+        self.snr_delta = self.snr[1:] - self.snr[:-1]
+        prev, cur = self.alpha_bar[:-1], self.alpha_bar[1:]
+        self.alpha = prev / cur
+        self.a = cur.sqrt() * (1 - self.alpha) / (1 - prev)
+        self.b = self.alpha.sqrt() * (1 - cur) / (1 - prev)
+        self.c = (1 - cur) * (1 - self.alpha) / (1 - prev)
+
+    def loss_weights(self, eta: float) -> torch.Tensor:
+        """Per-block L2 weights ``(T * eta / 2) * (SNR(t) - SNR(t-1))``, float64 ``[T]``."""
+        return self.T * eta / 2 * self.snr_delta
+
+    def describe(self) -> dict:
+        """The parameters that rebuild this schedule (stored in checkpoints)."""
+        return {"kind": "cosine", "T": self.T, "offset": self.offset, "max_alpha_bar": self.max_alpha_bar}
+
+
+class LearnableSchedule(nn.Module):
+    """NoProp-CT's learnable schedule ``alpha_bar(t) = sigmoid(-gamma(t))`` on ``t in [0, 1]``.
+
+    ``gamma(t) = gamma_0 + (gamma_1 - gamma_0) * (1 - gbar(t))`` where ``gbar`` is a normalised
+    monotone network, ``gbar(t) = (g(t) - g(0)) / (g(1) - g(0))`` with
+    ``g(t) = w_0 t + sum_k v_k sigmoid(w_k t + b_k)`` and positive ``w_0, v_k, w_k`` (softplus of
+    free parameters): a two-layer network with positive weights, increasing in ``t``. So
+    ``gamma(0) = gamma_1`` and ``gamma(1) = gamma_0``; ``gamma_0``, ``gamma_1`` and the network
+    are trained. ``SNR(t) = exp(-gamma(t))`` and its derivative is exact:
+    ``SNR'(t) = (gamma_1 - gamma_0) * gbar'(t) * exp(-gamma(t))``. Keep ``gamma_0 < gamma_1`` at
+    initialisation for the paper's orientation; training moves both freely.
+
+    Args:
+        hidden: units of the monotone network.
+        gamma_0: initial ``gamma(1)`` (``alpha_bar(1) = sigmoid(-gamma_0)``, near 1).
+        gamma_1: initial ``gamma(0)`` (``alpha_bar(0) = sigmoid(-gamma_1)``, near 0).
+    """
+
+    def __init__(self, hidden: int = 64, gamma_0: float = -7.0, gamma_1: float = 7.0):
+        super().__init__()
+        check_positive_int("hidden", hidden)
+        if not gamma_0 < gamma_1:
+            raise ValueError(f"gamma_0, gamma_1: expected gamma_0 < gamma_1 (alpha_bar increasing), got {gamma_0}, {gamma_1}")
+        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_0)))
+        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_1)))
+        generator = torch.Generator().manual_seed(0)
+        self.raw_linear = nn.Parameter(torch.tensor(0.0))
+        self.raw_in = nn.Parameter(torch.randn(hidden, generator=generator))
+        self.bias_in = nn.Parameter(torch.randn(hidden, generator=generator))
+        self.raw_out = nn.Parameter(torch.randn(hidden, generator=generator) - 2.0)
+
+    def _g_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(t)`` and ``g'(t)`` of the unnormalised monotone network, shaped like ``t``."""
+        w0 = F.softplus(self.raw_linear)
+        w_in = F.softplus(self.raw_in)
+        v = F.softplus(self.raw_out)
+        hidden = torch.sigmoid(t.unsqueeze(-1) * w_in + self.bias_in)
+        g = w0 * t + (v * hidden).sum(-1)
+        slope = w0 + (v * w_in * hidden * (1 - hidden)).sum(-1)
+        return g, slope
+
+    def gbar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``gbar(t)`` in ``[0, 1]`` and its derivative ``gbar'(t) > 0``."""
+        ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        g_ends, _ = self._g_and_slope(ends)
+        scale = g_ends[1] - g_ends[0]
+        g, slope = self._g_and_slope(t)
+        return (g - g_ends[0]) / scale, slope / scale
+
+    def gamma_and_rate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gamma(t)`` and ``k(t) = -gamma'(t) = (gamma_1 - gamma_0) gbar'(t)``, shaped like ``t``."""
+        gbar, gbar_slope = self.gbar(t)
+        span = self.gamma_1 - self.gamma_0
+        return self.gamma_0 + span * (1 - gbar), span * gbar_slope
+
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        """``gamma(t) = gamma_0 + (gamma_1 - gamma_0) (1 - gbar(t))``, shaped like ``t``."""
+        return self.gamma_and_rate(t)[0]
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_bar(t) = sigmoid(-gamma(t))``, increasing in ``t``."""
+        return torch.sigmoid(-self.gamma(t))
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """``SNR(t) = alpha_bar / (1 - alpha_bar) = exp(-gamma(t))``."""
+        return torch.exp(-self.gamma(t))
+
+    def snr_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """Exact ``SNR'(t) = k(t) exp(-gamma(t))`` with ``k = (gamma_1 - gamma_0) gbar'(t)`` (no finite differences)."""
+        gamma, rate = self.gamma_and_rate(t)
+        return rate * torch.exp(-gamma)
+
+    def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P(t), Q(t)`` of the probability-flow ODE ``dz/dt = P u_hat + Q z`` in clean-embedding form.
+
+        With ``z_t = sqrt(abar) u + sqrt(1 - abar) eps`` and ``eps`` estimated as
+        ``(z - sqrt(abar) u_hat) / sqrt(1 - abar)``, ``dz/dt = (sqrt abar)' u_hat +
+        (sqrt(1 - abar))' eps_hat``, i.e. ``P = abar' / (2 sqrt(abar) (1 - abar))`` and
+        ``Q = -abar' / (2 (1 - abar))``. Since ``abar' = k abar (1 - abar)`` these are computed in
+        the stable forms ``P = k sqrt(abar) / 2`` and ``Q = -k abar / 2``.
+        """
+        gamma, rate = self.gamma_and_rate(t)
+        alpha_bar = torch.sigmoid(-gamma)
+        return rate * alpha_bar.sqrt() / 2, -rate * alpha_bar / 2
+
+    def describe(self) -> dict:
+        """A summary for checkpoints and logs (the parameters themselves live in the state dict)."""
+        return {"kind": "learnable", "gamma_0": self.gamma_0.item(), "gamma_1": self.gamma_1.item()}
