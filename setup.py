@@ -80,14 +80,15 @@ def _extensions():
         and shutil.which("nvcc") is not None
     )
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         define_macros.append(("NOPROP_WITH_CUDA", None))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         extension_type = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}
+        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}
         _log(f"building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         if required and shutil.which("nvcc") is not None and not _flag("NOPROP_SKIP_CUDA"):

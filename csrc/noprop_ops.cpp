@@ -1,0 +1,508 @@
+// The noprop_ext ops: schemas, argument checks, CPU kernels and the Python module noprop._C.
+//
+// The CPU kernels are host loops over rows (one row = one example of one block, D embedding
+// dimensions) parallelised with at::parallel_for; they call the per-element math of
+// noprop_math.h, the same functions the CUDA kernels (noprop_cuda.cu) run. Sums over rows that
+// several threads share (the W gradients) go through one partial sum per thread chunk, added up in
+// chunk order, so a result does not depend on thread timing.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "noprop_math.h"
+#include "noprop_ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
+#define NOPROP_CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NOPROP_CPU_DISPATCH
+#endif
+
+namespace noprop {
+
+// ================================================================================== argument checks
+
+namespace {
+
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    default: return c10::toString(dtype);
+  }
+}
+
+void check_device_and_layout(const char* op, const char* name, const at::Tensor& tensor, at::Device device) {
+  TORCH_CHECK(tensor.device() == device, op, ": ", name, ": expected a tensor on ", device,
+              " (the device of the other inputs), got one on ", tensor.device());
+  TORCH_CHECK(tensor.is_contiguous(), op, ": ", name, ": expected a contiguous tensor");
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& tensor, at::IntArrayRef shape) {
+  TORCH_CHECK(tensor.sizes() == shape, op, ": ", name, ": expected shape ", shape, ", got ", tensor.sizes());
+}
+
+// Logits and latents: float32 everywhere, float16 and bfloat16 on CUDA.
+void check_activation_dtype(const char* op, const char* name, const at::Tensor& tensor) {
+  const auto dtype = tensor.scalar_type();
+  const bool cuda = tensor.is_cuda();
+  const bool ok = dtype == at::kFloat || (cuda && (dtype == at::kHalf || dtype == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": ", name, ": expected dtype ", cuda ? "float32, float16 or bfloat16" : "float32",
+              " on ", tensor.device().type(), ", got ", dtype_name(dtype));
+}
+
+// W: [C, D], float32 (on CUDA also float16 or bfloat16, computed in float32).
+void check_embedding(const char* op, const at::Tensor& W, at::Device device) {
+  check_device_and_layout(op, "W", W, device);
+  check_activation_dtype(op, "W", W);
+  TORCH_CHECK(W.dim() == 2, op, ": W: expected the embedding matrix [C, D], got shape ", W.sizes());
+  TORCH_CHECK(W.size(0) > 0 && W.size(1) > 0 && W.size(0) <= std::numeric_limits<int>::max() &&
+                  W.size(1) <= std::numeric_limits<int>::max(),
+              op, ": W: expected 1 <= C, D < 2**31, got shape ", W.sizes());
+}
+
+// y: int64 [B].
+void check_labels(const char* op, const at::Tensor& y, at::Device device) {
+  check_device_and_layout(op, "y", y, device);
+  TORCH_CHECK(y.dim() == 1, op, ": y: expected class labels of shape [B], got shape ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kLong, op, ": y: expected dtype int64, got ", dtype_name(y.scalar_type()));
+}
+
+}  // namespace
+
+void check_tensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
+                  at::IntArrayRef shape, at::Device device) {
+  check_device_and_layout(op, name, tensor, device);
+  TORCH_CHECK(tensor.scalar_type() == dtype, op, ": ", name, ": expected dtype ", dtype_name(dtype), ", got ",
+              dtype_name(tensor.scalar_type()));
+  check_shape(op, name, tensor, shape);
+}
+
+void check_seed(const char* op, const at::Tensor& seed, at::Device device) {
+  check_device_and_layout(op, "seed", seed, device);
+  TORCH_CHECK(seed.scalar_type() == at::kLong, op, ": seed: expected dtype int64, got ",
+              dtype_name(seed.scalar_type()));
+  TORCH_CHECK(seed.numel() == 1, op, ": seed: expected a tensor with one element, got shape ", seed.sizes());
+}
+
+BlockSizes check_noised_latents(const char* op, const at::Tensor& W, const at::Tensor& y, const at::Tensor& a,
+                                const at::Tensor& b, const at::Tensor& seed) {
+  const auto device = W.device();
+  check_embedding(op, W, device);
+  check_labels(op, y, device);
+  TORCH_CHECK(a.dim() == 2, op, ": a: expected shape [T, B], got ", a.sizes());
+  const BlockSizes s{a.size(0), y.size(0), W.size(0), W.size(1)};
+  check_tensor(op, "a", a, at::kFloat, {s.T, s.B}, device);
+  check_tensor(op, "b", b, at::kFloat, {s.T, s.B}, device);
+  check_seed(op, seed, device);
+  return s;
+}
+
+BlockSizes check_denoising_loss(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& y,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& noise_coef,
+                                const std::optional<at::Tensor>& seed) {
+  const auto device = logits.device();
+  check_embedding(op, W, device);
+  check_device_and_layout(op, "logits", logits, device);
+  check_activation_dtype(op, "logits", logits);
+  TORCH_CHECK(logits.dim() == 3 && logits.size(2) == W.size(0), op, ": logits: expected shape [T, B, ", W.size(0),
+              "] (C = W.shape[0]), got ", logits.sizes());
+  const BlockSizes s{logits.size(0), logits.size(1), W.size(0), W.size(1)};
+  check_labels(op, y, device);
+  check_shape(op, "y", y, {s.B});
+  check_tensor(op, "weight", weight, at::kFloat, {s.T, s.B}, device);
+  if (noise_coef.has_value()) {
+    check_tensor(op, "noise_coef", *noise_coef, at::kFloat, {s.T, s.B}, device);
+    TORCH_CHECK(seed.has_value(), op, ": seed: required when noise_coef is given");
+  }
+  if (seed.has_value()) check_seed(op, *seed, device);
+  return s;
+}
+
+RowSizes check_latent_update(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& z,
+                             const at::Tensor& p, const at::Tensor& q, const at::Tensor& r, const at::Tensor& seed) {
+  const auto device = z.device();
+  check_embedding(op, W, device);
+  check_device_and_layout(op, "z", z, device);
+  check_activation_dtype(op, "z", z);
+  TORCH_CHECK(z.dim() == 2 && z.size(1) == W.size(1), op, ": z: expected shape [N, ", W.size(1),
+              "] (D = W.shape[1]), got ", z.sizes());
+  const RowSizes s{z.size(0), W.size(0), W.size(1)};
+  check_device_and_layout(op, "logits", logits, device);
+  check_activation_dtype(op, "logits", logits);
+  check_shape(op, "logits", logits, {s.N, s.C});
+  check_tensor(op, "p", p, at::kFloat, {s.N}, device);
+  check_tensor(op, "q", q, at::kFloat, {s.N}, device);
+  check_tensor(op, "r", r, at::kFloat, {s.N}, device);
+  check_seed(op, seed, device);
+  return s;
+}
+
+// ================================================================================== CPU kernels
+
+namespace {
+
+// Labels index rows of W: check them here (the CUDA kernels assert on the device instead).
+void check_label_values(const char* op, const at::Tensor& y, int64_t C) {
+  const int64_t* labels = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    TORCH_CHECK(labels[i] >= 0 && labels[i] < C, op, ": y: labels must lie in [0, ", C, "), got ", labels[i]);
+  }
+}
+
+PhiloxKey key_of(const at::Tensor& seed) { return philox_key(seed.data_ptr<int64_t>()[0]); }
+
+// out[j] = eps(key, first + j) for j < n. Philox runs over a block of consecutive counters into
+// two uniform buffers (straight-line integer code that GCC vectorises), then Box-Muller. The
+// widest vectors (AVX-512, AVX2) are picked at load time where GCC can clone the function.
+NOPROP_CPU_DISPATCH void fill_normals(PhiloxKey key, uint64_t first, int64_t n, float* out) {
+  constexpr int64_t kBlock = 256;
+  float u1[kBlock], u2[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const uint64_t counter = first + static_cast<uint64_t>(start);
+    for (int64_t j = 0; j < m; ++j) {
+      const PhiloxWords w = philox_words(counter + static_cast<uint64_t>(j), key);
+      u1[j] = uniform_from_word(w.w0);
+      u2[j] = uniform_from_word(w.w1);
+    }
+    for (int64_t j = 0; j < m; ++j) out[start + j] = box_muller(u1[j], u2[j]);
+  }
+}
+
+float dot(const float* x, const float* y, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += x[k] * y[k];
+  return s;
+}
+
+// probs[c] = readout(logits)[c]: softmax over the row, or the logits themselves.
+void readout_row(const float* logits, int64_t C, bool softmax, float* probs) {
+  float row_max = 0.0f, inv_sum = 1.0f;
+  if (softmax) {
+    row_max = strided_max(logits, static_cast<int>(C), 0, 1);
+    inv_sum = 1.0f / strided_sum_exp(logits, static_cast<int>(C), row_max, 0, 1);
+  }
+  for (int64_t c = 0; c < C; ++c) probs[c] = readout_weight(logits[c], row_max, inv_sum, softmax);
+}
+
+// u_hat[d] = sum_c probs[c] W[c, d].
+void mix_embeddings(const float* probs, const float* W, int64_t C, int64_t D, float* u_hat) {
+  std::fill(u_hat, u_hat + D, 0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    const float p = probs[c];
+    const float* w = W + c * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) u_hat[d] += p * w[d];
+  }
+}
+
+// Rows [0, N) in contiguous chunks, at most one per thread; with `sum` defined ([C, D] float32),
+// each chunk gets a zeroed partial of sum's size, and the partials are added into `sum` in chunk
+// order. body(begin, end, partial) handles rows [begin, end); partial is null without `sum`.
+template <typename Body>
+void for_row_chunks(int64_t N, int64_t rows_per_task, const at::Tensor& sum, const Body& body) {
+  if (N == 0) return;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / rows_per_task));
+  const int64_t size = sum.defined() ? sum.numel() : 0;
+  std::vector<float> partials(static_cast<size_t>(chunks * size), 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      body(chunk * N / chunks, (chunk + 1) * N / chunks, size ? partials.data() + chunk * size : nullptr);
+    }
+  });
+  if (!size) return;
+  float* out = sum.data_ptr<float>();
+  at::parallel_for(0, size, 4096, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      float s = 0.0f;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) s += partials[chunk * size + k];
+      out[k] = s;
+    }
+  });
+}
+
+// Rows per parallel task: about 16k elements of work.
+int64_t rows_per_task(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_length)); }
+
+at::Tensor normal_cpu(const at::Tensor& seed, at::IntArrayRef shape, int64_t offset) {
+  check_seed("normal", seed, seed.device());
+  TORCH_CHECK(offset >= 0, "normal: offset: expected an int >= 0, got ", offset);
+  at::Tensor out = at::empty(shape, seed.options().dtype(at::kFloat));
+  const PhiloxKey key = key_of(seed);
+  float* data = out.data_ptr<float>();
+  at::parallel_for(0, out.numel(), 16384, [&](int64_t first, int64_t last) {
+    fill_normals(key, static_cast<uint64_t>(offset) + static_cast<uint64_t>(first), last - first, data + first);
+  });
+  return out;
+}
+
+// z[t, i, :] = a[t, i] W[y_i] + b[t, i] eps[t, i, :]; eps is drawn into z's row, then combined.
+at::Tensor noised_latents_forward_cpu(const at::Tensor& W, const at::Tensor& y, const at::Tensor& a,
+                                      const at::Tensor& b, const at::Tensor& seed) {
+  const char* op = "noised_latents_forward";
+  const BlockSizes s = check_noised_latents(op, W, y, a, b, seed);
+  check_label_values(op, y, s.C);
+  at::Tensor z = at::empty({s.T, s.B, s.D}, W.options());
+  const PhiloxKey key = key_of(seed);
+  const float *w = W.data_ptr<float>(), *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+  const int64_t* labels = y.data_ptr<int64_t>();
+  float* out = z.data_ptr<float>();
+  const int64_t D = s.D;
+  at::parallel_for(0, s.T * s.B, rows_per_task(D), [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      float* z_row = out + row * D;
+      const float* w_y = w + labels[row % s.B] * D;
+      fill_normals(key, static_cast<uint64_t>(row * D), D, z_row);
+      for (int64_t d = 0; d < D; ++d) z_row[d] = noised_latent(pa[row], w_y[d], pb[row], z_row[d]);
+    }
+  });
+  return z;
+}
+
+// gW[c] = sum_{t, i: y_i = c} a[t, i] grad_z[t, i];  ga[t, i] = <grad_z[t, i], W[y_i]>;
+// gb[t, i] = <grad_z[t, i], eps[t, i]> with eps regenerated. Unneeded gradients come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noised_latents_backward_cpu(
+    const at::Tensor& grad_z, const at::Tensor& W, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& seed, bool needs_W, bool needs_a, bool needs_b) {
+  const char* op = "noised_latents_backward";
+  const BlockSizes s = check_noised_latents(op, W, y, a, b, seed);
+  check_tensor(op, "grad_z", grad_z, W.scalar_type(), {s.T, s.B, s.D}, W.device());
+  check_label_values(op, y, s.C);
+  at::Tensor gW = needs_W ? at::empty_like(W) : W.new_empty({0});
+  at::Tensor ga = needs_a ? at::empty_like(a) : a.new_empty({0});
+  at::Tensor gb = needs_b ? at::empty_like(b) : b.new_empty({0});
+  const PhiloxKey key = key_of(seed);
+  const float *g = grad_z.data_ptr<float>(), *w = W.data_ptr<float>(), *pa = a.data_ptr<float>();
+  const int64_t* labels = y.data_ptr<int64_t>();
+  float* out_a = needs_a ? ga.data_ptr<float>() : nullptr;
+  float* out_b = needs_b ? gb.data_ptr<float>() : nullptr;
+  const int64_t D = s.D;
+  const at::Tensor gW_sum = needs_W ? gW : at::Tensor();
+  for_row_chunks(s.T * s.B, rows_per_task(D), gW_sum, [&](int64_t first, int64_t last, float* gW_part) {
+    std::vector<float> eps(needs_b ? D : 0);
+    for (int64_t row = first; row < last; ++row) {
+      const float* g_row = g + row * D;
+      const int64_t label = labels[row % s.B];
+      if (needs_a) out_a[row] = dot(g_row, w + label * D, D);
+      if (needs_b) {
+        fill_normals(key, static_cast<uint64_t>(row * D), D, eps.data());
+        out_b[row] = dot(g_row, eps.data(), D);
+      }
+      if (gW_part) {
+        float* acc = gW_part + label * D;
+        const float coef = pa[row];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += coef * g_row[d];
+      }
+    }
+  });
+  return {gW, ga, gb};
+}
+
+// Scratch rows of one chunk of the denoising-loss and latent-update loops.
+struct RowScratch {
+  std::vector<float> probs, u_hat, eps;
+  RowScratch(int64_t C, int64_t D, bool noisy) : probs(C), u_hat(D), eps(noisy ? D : 0) {}
+};
+
+// row_sq_error[t, i] = ||readout(logits[t, i]) @ W - W[y_i] - c[t, i] eps[t, i]||^2 and
+// loss = sum weight * row_sq_error / B (accumulated in float64, in row order).
+std::tuple<at::Tensor, at::Tensor> denoising_loss_forward_cpu(const at::Tensor& logits, const at::Tensor& W,
+                                                              const at::Tensor& y, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& noise_coef,
+                                                              const std::optional<at::Tensor>& seed, bool softmax) {
+  const char* op = "denoising_loss_forward";
+  const BlockSizes s = check_denoising_loss(op, logits, W, y, weight, noise_coef, seed);
+  check_label_values(op, y, s.C);
+  at::Tensor row_sq_error = at::empty({s.T, s.B}, weight.options());
+  const bool noisy = noise_coef.has_value();
+  const PhiloxKey key = noisy ? key_of(*seed) : PhiloxKey{0, 0};
+  const float *x = logits.data_ptr<float>(), *w = W.data_ptr<float>();
+  const float* nc = noisy ? noise_coef->data_ptr<float>() : nullptr;
+  const int64_t* labels = y.data_ptr<int64_t>();
+  float* err = row_sq_error.data_ptr<float>();
+  const int64_t C = s.C, D = s.D;
+  at::parallel_for(0, s.T * s.B, rows_per_task(C * D), [&](int64_t first, int64_t last) {
+    RowScratch scratch(C, D, noisy);
+    for (int64_t row = first; row < last; ++row) {
+      readout_row(x + row * C, C, softmax, scratch.probs.data());
+      mix_embeddings(scratch.probs.data(), w, C, D, scratch.u_hat.data());
+      if (noisy) fill_normals(key, static_cast<uint64_t>(row * D), D, scratch.eps.data());
+      const float* u = scratch.u_hat.data();
+      const float* w_y = w + labels[row % s.B] * D;
+      const float c = noisy ? nc[row] : 0.0f;
+      const float* eps = noisy ? scratch.eps.data() : nullptr;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t d = 0; d < D; ++d) {
+        const float r = denoising_residual(u[d], w_y[d], c, eps ? eps[d] : 0.0f);
+        sq += r * r;
+      }
+      err[row] = sq;
+    }
+  });
+  const float* wt = weight.data_ptr<float>();
+  double total = 0.0;
+  for (int64_t row = 0; row < s.T * s.B; ++row) total += static_cast<double>(wt[row]) * err[row];
+  at::Tensor loss = at::scalar_tensor(static_cast<float>(total / static_cast<double>(s.B)), weight.options());
+  return {loss, row_sq_error};
+}
+
+// G = 2 weight (u_hat - target) / B * grad_loss;  dprobs = G W^T;  glogits = readout_backward(dprobs);
+// gW = sum_rows (probs - onehot(y))^T G.
+std::tuple<at::Tensor, at::Tensor> denoising_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                               const at::Tensor& W, const at::Tensor& y,
+                                                               const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& noise_coef,
+                                                               const std::optional<at::Tensor>& seed, bool softmax,
+                                                               bool needs_W) {
+  const char* op = "denoising_loss_backward";
+  const BlockSizes s = check_denoising_loss(op, logits, W, y, weight, noise_coef, seed);
+  check_tensor(op, "grad_loss", grad_loss, at::kFloat, {}, logits.device());
+  check_label_values(op, y, s.C);
+  at::Tensor glogits = at::empty_like(logits);
+  at::Tensor gW = needs_W ? at::empty_like(W) : W.new_empty({0});
+  const bool noisy = noise_coef.has_value();
+  const PhiloxKey key = noisy ? key_of(*seed) : PhiloxKey{0, 0};
+  const float upstream = grad_loss.item<float>();
+  const float *x = logits.data_ptr<float>(), *w = W.data_ptr<float>(), *wt = weight.data_ptr<float>();
+  const float* nc = noisy ? noise_coef->data_ptr<float>() : nullptr;
+  const int64_t* labels = y.data_ptr<int64_t>();
+  float* gx = glogits.data_ptr<float>();
+  const int64_t C = s.C, D = s.D;
+  const at::Tensor gW_sum = needs_W ? gW : at::Tensor();
+  for_row_chunks(s.T * s.B, rows_per_task(C * D), gW_sum, [&](int64_t first, int64_t last, float* gW_part) {
+    RowScratch scratch(C, D, noisy);
+    std::vector<float> dprobs(C);
+    float* probs = scratch.probs.data();
+    float* G = scratch.u_hat.data();  // u_hat becomes the gradient row in place
+    for (int64_t row = first; row < last; ++row) {
+      readout_row(x + row * C, C, softmax, probs);
+      mix_embeddings(probs, w, C, D, G);
+      if (noisy) fill_normals(key, static_cast<uint64_t>(row * D), D, scratch.eps.data());
+      const int64_t label = labels[row % s.B];
+      const float* w_y = w + label * D;
+      const float c = noisy ? nc[row] : 0.0f;
+      const float* eps = noisy ? scratch.eps.data() : nullptr;
+      const float scale = denoising_grad_scale(wt[row], upstream, s.B);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) G[d] = scale * denoising_residual(G[d], w_y[d], c, eps ? eps[d] : 0.0f);
+      float prob_dot_dprob = 0.0f;
+      for (int64_t k = 0; k < C; ++k) {
+        dprobs[k] = dot(G, w + k * D, D);
+        prob_dot_dprob += probs[k] * dprobs[k];
+      }
+      for (int64_t k = 0; k < C; ++k) gx[row * C + k] = readout_backward(probs[k], dprobs[k], prob_dot_dprob, softmax);
+      if (!gW_part) continue;
+      for (int64_t k = 0; k < C; ++k) {
+        const float coef = probs[k] - (k == label ? 1.0f : 0.0f);
+        float* acc = gW_part + k * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += coef * G[d];
+      }
+    }
+  });
+  return {glogits, gW};
+}
+
+// z_new[n] = p[n] readout(logits[n]) @ W + q[n] z[n] + r[n] eps[n]; eps is not drawn where r[n] = 0.
+at::Tensor latent_update_cpu(const at::Tensor& logits, const at::Tensor& W, const at::Tensor& z, const at::Tensor& p,
+                             const at::Tensor& q, const at::Tensor& r, const at::Tensor& seed, bool softmax) {
+  const RowSizes s = check_latent_update("latent_update", logits, W, z, p, q, r, seed);
+  at::Tensor z_new = at::empty_like(z);
+  const PhiloxKey key = key_of(seed);
+  const float *x = logits.data_ptr<float>(), *w = W.data_ptr<float>(), *zin = z.data_ptr<float>();
+  const float *pp = p.data_ptr<float>(), *pq = q.data_ptr<float>(), *pr = r.data_ptr<float>();
+  float* out = z_new.data_ptr<float>();
+  const int64_t C = s.C, D = s.D;
+  at::parallel_for(0, s.N, rows_per_task(C * D), [&](int64_t first, int64_t last) {
+    RowScratch scratch(C, D, true);
+    for (int64_t row = first; row < last; ++row) {
+      readout_row(x + row * C, C, softmax, scratch.probs.data());
+      mix_embeddings(scratch.probs.data(), w, C, D, scratch.u_hat.data());
+      const bool noisy = pr[row] != 0.0f;
+      if (noisy) fill_normals(key, static_cast<uint64_t>(row * D), D, scratch.eps.data());
+      const float *u = scratch.u_hat.data(), *eps = scratch.eps.data(), *z_row = zin + row * D;
+      for (int64_t d = 0; d < D; ++d) {
+        out[row * D + d] = latent_step(pp[row], u[d], pq[row], z_row[d], pr[row], noisy ? eps[d] : 0.0f);
+      }
+    }
+  });
+  return z_new;
+}
+
+// Test hook: the first two Philox words of each counter (int64 in [0, 2**32)), so tests can compare
+// the generator bit for bit with noprop.rng.philox.
+std::tuple<at::Tensor, at::Tensor> philox_words_cpu(const at::Tensor& seed, const at::Tensor& counter) {
+  check_seed("philox_words", seed, counter.device());
+  check_tensor("philox_words", "counter", counter, at::kLong, counter.sizes(), counter.device());
+  at::Tensor w0 = at::empty_like(counter), w1 = at::empty_like(counter);
+  const PhiloxKey key = key_of(seed);
+  const int64_t* n = counter.data_ptr<int64_t>();
+  int64_t *out0 = w0.data_ptr<int64_t>(), *out1 = w1.data_ptr<int64_t>();
+  for (int64_t k = 0; k < counter.numel(); ++k) {
+    const PhiloxWords w = philox_words(static_cast<uint64_t>(n[k]), key);
+    out0[k] = w.w0;
+    out1[k] = w.w1;
+  }
+  return {w0, w1};
+}
+
+}  // namespace
+
+// ================================================================================== registration
+
+TORCH_LIBRARY(noprop_ext, m) {
+  m.def("normal(Tensor seed, int[] shape, int offset) -> Tensor");
+  m.def("noised_latents_forward(Tensor W, Tensor y, Tensor a, Tensor b, Tensor seed) -> Tensor");
+  m.def(
+      "noised_latents_backward(Tensor grad_z, Tensor W, Tensor y, Tensor a, Tensor b, Tensor seed, bool needs_W, "
+      "bool needs_a, bool needs_b) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "denoising_loss_forward(Tensor logits, Tensor W, Tensor y, Tensor weight, Tensor? noise_coef, Tensor? seed, "
+      "bool softmax) -> (Tensor, Tensor)");
+  m.def(
+      "denoising_loss_backward(Tensor grad_loss, Tensor logits, Tensor W, Tensor y, Tensor weight, "
+      "Tensor? noise_coef, Tensor? seed, bool softmax, bool needs_W) -> (Tensor, Tensor)");
+  m.def(
+      "latent_update(Tensor logits, Tensor W, Tensor z, Tensor p, Tensor q, Tensor r, Tensor seed, bool softmax) "
+      "-> Tensor");
+  m.def("philox_words(Tensor seed, Tensor counter) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(noprop_ext, CPU, m) {
+  m.impl("normal", &normal_cpu);
+  m.impl("noised_latents_forward", &noised_latents_forward_cpu);
+  m.impl("noised_latents_backward", &noised_latents_backward_cpu);
+  m.impl("denoising_loss_forward", &denoising_loss_forward_cpu);
+  m.impl("denoising_loss_backward", &denoising_loss_backward_cpu);
+  m.impl("latent_update", &latent_update_cpu);
+  m.impl("philox_words", &philox_words_cpu);
+}
+
+}  // namespace noprop
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "noprop C++/CUDA kernels; the ops are registered as torch.ops.noprop_ext.*";
+  m.def(
+      "compiled_with_cuda",
+      [] {
+#ifdef NOPROP_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True if the extension was built with its CUDA kernels.");
+}
