@@ -108,6 +108,7 @@ class DTBlock(nn.Module):
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim)):
             check_positive_int(name, value)
         self.config = config
+        self.dims = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim)
         hidden, (f1, f2) = config.hidden, config.fusion
         self.image = ImageEncoder(in_channels, image_size, config, batch_norm=True)
         self.label_fc1 = nn.Linear(embed_dim, hidden)

@@ -116,7 +116,7 @@ def test_dt_gradients_stay_inside_each_block():
     """Block t's loss term reaches block t's parameters and no other block's."""
     from noprop.stack import BlockList
 
-    model = NoPropDT(10, 1, 28, T=3, width=WIDTH)
+    model = NoPropDT(10, 1, 28, T=3, width=WIDTH, schedule="paper")
     assert isinstance(model.blocks, BlockList)
     x, y = _batch()
     model.loss_terms(x, y, blocks=range(1, 2)).total.backward()

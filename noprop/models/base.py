@@ -107,6 +107,14 @@ class NoPropModel(nn.Module):
         """The objective and its named parts (see :class:`noprop.objectives.LossTerms`)."""
         raise NotImplementedError
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradient norm of all parameters to ``max_norm`` (no host sync); returns the norm before.
+
+        NoPropDT overrides this to clip every block separately.
+        """
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+
     def predict(
         self,
         x: torch.Tensor,

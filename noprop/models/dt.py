@@ -9,7 +9,7 @@ from noprop import ops
 from noprop.models.base import NoPropModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import CosineSchedule
-from noprop.stack import BlockList, check_block_range
+from noprop.stack import BlockList, BlockStack, check_block_range
 from noprop.validation import check_choice, check_positive_int
 
 SCHEDULES = ("batched", "paper")
@@ -34,8 +34,10 @@ class NoPropDT(NoPropModel):
             :class:`noprop.models.base.NoPropModel`.
         T: number of blocks (paper: 10).
         eta: scale of the L2 terms (paper: 0.1).
-        schedule: ``"batched"`` (every step trains all T blocks on the same minibatch) or
-            ``"paper"`` (Algorithm 1: the trainer makes a full pass over the data per block).
+        schedule: ``"batched"`` (every step trains all T blocks on the same minibatch, run as one
+            wide network, :class:`noprop.stack.BlockStack`) or ``"paper"`` (Algorithm 1: the
+            trainer makes a full pass over the data per block; the blocks are independent modules,
+            :class:`noprop.stack.BlockList`, so the optimizer touches only the block in training).
     """
 
     method = "dt"
@@ -59,7 +61,8 @@ class NoPropDT(NoPropModel):
         self.eta = float(eta)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.noise_schedule = CosineSchedule(T)
-        self.blocks = BlockList.build(T, num_classes, in_channels, image_size, self.embed_dim, self.block_config)
+        container = BlockStack if schedule == "batched" else BlockList
+        self.blocks = container.build(T, num_classes, in_channels, image_size, self.embed_dim, self.block_config)
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         s = self.noise_schedule
         # float32 copies of the float64 schedule, on the model's device; derived from T, so not saved.
@@ -76,18 +79,34 @@ class NoPropDT(NoPropModel):
     def config(self) -> dict:
         return {**super().config(), "T": self.T, "eta": self.eta, "schedule": self.schedule}
 
-    def noised_inputs(self, y: torch.Tensor, seed: int | torch.Tensor, blocks: range | None = None) -> torch.Tensor:
-        """The training latents ``[k + 1, B, D]``: ``z_{t-1}`` for each block ``t - 1`` in ``blocks``, then ``z_T``.
+    def noised_inputs(
+        self, y: torch.Tensor, seed: int | torch.Tensor, blocks: range | None = None, classifier_latent: bool = True
+    ) -> torch.Tensor:
+        """The training latents ``[k (+ 1), B, D]``: ``z_{t-1}`` for each block ``t - 1`` in ``blocks``, then ``z_T``.
 
-        ``z[j] = sqrt(abar) u_y + sqrt(1 - abar) eps`` with ``eps = normal(seed, (k + 1, B, D))``.
+        ``z[j] = sqrt(abar) u_y + sqrt(1 - abar) eps`` with ``eps = normal(seed, (rows, B, D))``; the
+        last row ``z_T ~ q(z_T | y)`` feeds the classifier and is left out without ``classifier_latent``.
         """
         blocks = check_block_range(blocks, self.T)
-        rows = torch.cat([self.signal[blocks.start : blocks.stop], self.signal[self.T :]])
-        noise = torch.cat([self.noise[blocks.start : blocks.stop], self.noise[self.T :]])
-        return ops.noised_latents(self.embedding.weight, y, rows, noise, seed, backend=self.backend)
+        if classifier_latent and blocks.stop == self.T:  # one contiguous slice of abar_0..abar_T
+            signal, noise = self.signal[blocks.start :], self.noise[blocks.start :]
+        else:
+            rows = slice(blocks.start, blocks.stop)
+            tail = slice(self.T, self.T + 1 if classifier_latent else self.T)
+            signal = torch.cat([self.signal[rows], self.signal[tail]])
+            noise = torch.cat([self.noise[rows], self.noise[tail]])
+        return ops.noised_latents(self.embedding.weight, y, signal, noise, seed, backend=self.backend)
 
-    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, blocks: range | None = None) -> LossTerms:
-        """The objective for the blocks in ``blocks`` (default all), plus the CE and KL terms.
+    def loss_terms(
+        self, x: torch.Tensor, y: torch.Tensor, blocks: range | None = None, shared_terms: bool = True
+    ) -> LossTerms:
+        """The objective of the blocks in ``blocks`` (default all), plus the CE and KL terms.
+
+        Args:
+            x, y: images ``[B, C_in, H, W]`` and labels ``[B]``.
+            blocks: the blocks to train (a range of block indices), e.g. one block in the paper
+                schedule or a chunk of blocks with ``block_chunk``.
+            shared_terms: include the classifier's CE and the KL term (once per training step).
 
         ``parts["l2"]`` holds each trained block's weighted L2 term (``[k]``).
         """
@@ -95,15 +114,26 @@ class NoPropDT(NoPropModel):
         self.embedding.check_ready()
         blocks = check_block_range(blocks, self.T)
         W = self.embedding.weight
-        z = self.noised_inputs(y, self.draw_seed(x.device), blocks)
-        logits = self.blocks(x, z[:-1], blocks)
+        z = self.noised_inputs(y, self.draw_seed(x.device), blocks, classifier_latent=shared_terms)
+        logits = self.blocks(x, z[: len(blocks)], blocks)
         weight = self.l2_weight[blocks.start : blocks.stop]
         l2, row_errors = ops.denoising_loss(logits, W, y, weight, backend=self.backend, return_row_errors=True)
+        parts = {"l2": (weight.unsqueeze(1) * row_errors).sum(1) / x.shape[0]}
+        if not shared_terms:
+            return LossTerms(l2, parts)
         ce = cross_entropy(self.classifier(z[-1]), y)
-        abar_0 = self.signal[0].square()
-        kl = kl_to_standard_normal(self.signal[0] * W[y], 1 - abar_0)
-        per_block = (weight.unsqueeze(1) * row_errors).sum(1) / x.shape[0]
-        return LossTerms(l2 + ce + kl, {"ce": ce.detach(), "kl": kl.detach(), "l2": per_block})
+        kl = kl_to_standard_normal(self.signal[0] * W[y], 1 - self.signal[0].square())
+        return LossTerms(l2 + ce + kl, {"ce": ce.detach(), "kl": kl.detach(), **parts})
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip every block's gradient norm separately, and the shared parameters' (embedding, classifier) jointly.
+
+        Returns the norms before clipping: ``[T]`` for the blocks, then the shared norm.
+        """
+        block_norms = self.blocks.clip_grad_norm_(max_norm)
+        shared = [p for name, p in self.named_parameters() if not name.startswith("blocks.") and p.grad is not None]
+        shared_norm = torch.nn.utils.clip_grad_norm_(shared, max_norm, foreach=True) if shared else block_norms.new_zeros(())
+        return torch.cat([block_norms, shared_norm.reshape(1)])
 
     @torch.no_grad()
     def predict(
