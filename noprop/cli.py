@@ -56,6 +56,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM integration steps (default 1000)")
     add("--solver", choices=SOLVERS, default=defaults.solver, help="CT/FM integrator")
     add("--deterministic-inference", action="store_true", help="no noise at inference (z_0 = 0)")
+    add("--block-chunk", type=int, default=None, metavar="K", help="DT: train the blocks K at a time (caps memory)")
+    add("--grad-clip", type=float, default=None, metavar="NORM", help="clip gradient norms, every DT block separately")
+    add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
+    add("--cuda-graphs", action="store_true", help="capture the whole training step in a CUDA graph (GPU)")
     add("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -29,6 +29,7 @@ from noprop import checkpoint as ckpt
 from noprop.data import BatchLoader, ImageDataset, load_dataset
 from noprop.models import METHODS, NoPropModel, build_model
 from noprop.objectives import LossTerms
+from noprop.step import TrainStep
 from noprop.validation import check_choice, check_positive_int
 
 PAPER_ETA = {"dt": 0.1, "ct": 1.0}
@@ -72,6 +73,10 @@ class TrainConfig:
     inference_steps: int | None = None
     solver: str = "euler"
     deterministic_inference: bool = False
+    block_chunk: int | None = None
+    grad_clip: float | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -142,9 +147,15 @@ def inference_kwargs(config: TrainConfig) -> dict:
 
 
 def build_optimizer(model: NoPropModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW for DT and the baseline, Adam for CT and FM (the paper's), one optimizer for all parameters."""
+    """AdamW for DT and the baseline, Adam for CT and FM (the paper's): one optimizer for all parameters.
+
+    On a GPU the fused implementation (one kernel for every parameter), capturable when the step
+    is captured in a CUDA graph; on the CPU the foreach implementation.
+    """
     optimizer_class = torch.optim.AdamW if model.method in ("dt", "backprop") else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    implementation = dict(fused=True, capturable=config.cuda_graphs) if on_cuda else dict(foreach=True)
+    return optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **implementation)
 
 
 @torch.no_grad()
@@ -259,6 +270,8 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
             saved, epochs=config.epochs, out=config.out, progress=config.progress, device=config.device, resume=config.resume
         )
     device = resolve_device(config.device)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs: capturing the step needs a CUDA device, the run is on {device}")
     _set_seeds(config.seed)
     if dataset is None:
         dataset = load_dataset(
@@ -279,12 +292,17 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
         start_epoch = state["epoch"] + 1
         ckpt.restore_rng(state["rng"], loader_generator)
     out.mkdir(parents=True, exist_ok=True)
-    loader = BatchLoader(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=loader_generator)
+    step = TrainStep(
+        model, optimizer, block_chunk=config.block_chunk, grad_clip=config.grad_clip, compile=config.compile, cuda_graphs=config.cuda_graphs
+    )
+    loader = BatchLoader(
+        dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=loader_generator, drop_last=config.cuda_graphs
+    )
     train_eval = (dataset.train_x[: dataset.test_x.shape[0]], dataset.train_y[: dataset.test_x.shape[0]])
     for epoch in range(start_epoch, config.epochs + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        stats, train_seconds = _run_epoch(model, optimizer, loader, config, epoch, device)
+        stats, train_seconds = _run_epoch(model, step, loader, config, epoch, device)
         eval_start = time.perf_counter()
         eval_kwargs = inference_kwargs(config)
         train_accuracy, _ = evaluate(model, *train_eval, **eval_kwargs)
@@ -331,7 +349,7 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
 
 
 def _run_epoch(
-    model: NoPropModel, optimizer: torch.optim.Optimizer, loader: BatchLoader, config: TrainConfig, epoch: int, device: torch.device
+    model: NoPropModel, step: TrainStep, loader: BatchLoader, config: TrainConfig, epoch: int, device: torch.device
 ) -> tuple[dict, float]:
     """One epoch (each block sees each example once). Returns the term means and the seconds it took."""
     model.train()
@@ -344,23 +362,20 @@ def _run_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    step = 0
+    steps = 0
     for blocks in passes:
         for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            terms = model.loss_terms(x, y, blocks) if paper else model.loss_terms(x, y)
-            terms.total.backward()
-            optimizer.step()
+            terms = step(x, y, blocks)
             stats.add(terms, blocks, getattr(model, "T", None))
-            nonfinite |= ~torch.isfinite(terms.total.detach())
-            step += 1
-            if step % check_every == 0 or step == bar.total:
+            nonfinite |= ~torch.isfinite(terms.total)
+            steps += 1
+            if steps % check_every == 0 or steps == bar.total:
                 if bool(nonfinite):
                     raise NonFiniteLossError(
-                        f"non-finite loss in epoch {epoch} (detected at step {step}): {_describe_nonfinite(terms)}; "
+                        f"non-finite loss in epoch {epoch} (detected at step {steps}): {_describe_nonfinite(terms)}; "
                         f"training stopped, the last checkpoint (epoch {epoch - 1}) is intact"
                     )
-                if config.progress and step % FINITE_CHECK_EVERY == 0:
+                if config.progress and steps % FINITE_CHECK_EVERY == 0:
                     bar.set_postfix(loss=f"{terms.total.item():.4f}")
             bar.update(1)
     if device.type == "cuda":

@@ -1,0 +1,130 @@
+"""Training steps: launches independent of T, chunks, clipping, torch.compile and CUDA graphs vs eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from noprop import NoPropDT
+from noprop.bench.loops import SeedStyleLoop
+from noprop.step import TrainStep
+from noprop.train import TrainConfig, build_optimizer
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each is at least one kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _batch(B=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 1, 28, 28, generator=g), torch.randint(0, 10, (B,), generator=g)
+
+
+def _dt(T, **kwargs):
+    torch.manual_seed(0)
+    return NoPropDT(10, 1, 28, T=T, width=0.125, **kwargs)
+
+
+def _ops_per_step(step, x, y) -> int:
+    step(x, y)  # the first step creates the optimizer state
+    with CountOps() as counter:
+        step(x, y)
+    return counter.count
+
+
+def test_launches_per_step_do_not_grow_with_T():
+    x, y = _batch()
+    counts = {}
+    for T in (5, 10, 20):
+        model = _dt(T)
+        counts[T] = _ops_per_step(TrainStep(model, build_optimizer(model, TrainConfig())), x, y)
+    print("ATen ops per DT training step (BlockStack):", counts)
+    assert max(counts.values()) <= 1.05 * min(counts.values())
+    seed_style = SeedStyleLoop(_dt(10, schedule="paper"), lr=1e-3, weight_decay=1e-3)
+    looped = _ops_per_step(seed_style, x, y)
+    print(f"seed-style loop at T=10: {looped} ops ({looped / counts[10]:.1f}x)")
+    assert looped >= 5 * counts[10]
+
+
+def test_grad_clip_limits_every_block_separately():
+    x, y = _batch()
+    norms = {}
+    for clip in (None, 0.1):
+        model = _dt(3)
+        step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_clip=clip)
+        torch.manual_seed(1)
+        step(x, y)  # lr 0: the gradients stay in .grad for inspection
+        norms[clip] = model.blocks.clip_grad_norm_(float("inf"))
+    assert norms[None].min() < 0.1 < norms[None].max()  # one block under the limit, others over
+    torch.testing.assert_close(norms[0.1], norms[None].clamp(max=0.1), rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_step_matches_eager():
+    """torch.compile(fullgraph=True) of the DT loss on CPU gives the eager losses and parameters.
+
+    SGD, not AdamW: Adam's first step is ``lr * sign(g)`` and would turn rounding noise in the
+    gradients that are zero in exact arithmetic (biases before BatchNorm) into ``lr``-sized gaps.
+    """
+    torch._dynamo.reset()
+    eager_model = _dt(3)
+    compiled_model = copy.deepcopy(eager_model)
+    for m in (eager_model, compiled_model):
+        for module in m.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    eager = TrainStep(eager_model, sgd(eager_model))
+    compiled = TrainStep(compiled_model, sgd(compiled_model), compile=True)
+    batches = [_batch(seed=s) for s in range(3)]
+    losses = {}
+    for name, step in (("eager", eager), ("compiled", compiled)):
+        torch.manual_seed(7)
+        losses[name] = torch.stack([step(x, y).total for x, y in batches])
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-4)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+
+
+def test_step_rejects_bad_combinations():
+    model = _dt(2)
+    optimizer = build_optimizer(model, TrainConfig())
+    with pytest.raises(ValueError, match="block_chunk"):
+        TrainStep(model, optimizer, block_chunk=0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainStep(model, optimizer, grad_clip=-1.0)
+    with pytest.raises(ValueError, match="choose one"):
+        TrainStep(model, optimizer, compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        TrainStep(_dt(2, schedule="paper"), optimizer, cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        TrainStep(model, optimizer, cuda_graphs=True)(*_batch())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_cuda_graph_step_matches_eager(backend):
+    """Capturing forward, backward and optimizer step in a CUDA graph gives the eager losses (same seed)."""
+    eager_model = _dt(4, backend=backend).cuda()
+    graph_model = copy.deepcopy(eager_model)
+    config = TrainConfig(cuda_graphs=True)
+    eager = TrainStep(eager_model, build_optimizer(eager_model, config))
+    graphed = TrainStep(graph_model, build_optimizer(graph_model, config), cuda_graphs=True)
+    batches = [tuple(t.cuda() for t in _batch(B=32, seed=s)) for s in range(4)]
+    losses = {}
+    for name, step in (("eager", eager), ("graph", graphed)):
+        torch.manual_seed(11)
+        losses[name] = torch.stack([step(x, y).total.clone() for x, y in batches])
+    torch.testing.assert_close(losses["graph"], losses["eager"], rtol=1e-4, atol=1e-4)
