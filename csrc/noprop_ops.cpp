@@ -223,13 +223,11 @@ void for_row_chunks(int64_t N, int64_t rows_per_task, const at::Tensor& sum, con
   });
   if (!size) return;
   float* out = sum.data_ptr<float>();
-  at::parallel_for(0, size, 4096, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      float s = 0.0f;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) s += partials[chunk * size + k];
-      out[k] = s;
-    }
-  });
+  std::copy(partials.begin(), partials.begin() + size, out);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* part = partials.data() + chunk * size;
+    for (int64_t k = 0; k < size; ++k) out[k] += part[k];
+  }
 }
 
 // Rows per parallel task: about 16k elements of work.
