@@ -3,11 +3,14 @@
 * :mod:`.noise`: :func:`normal`, :func:`noised_latents_forward`, :func:`noised_latents_backward`;
 * :mod:`.loss`: :func:`denoising_loss_forward`, :func:`denoising_loss_backward`;
 * :mod:`.update`: :func:`latent_update`;
+* :mod:`.bmm`: :func:`stacked_linear_forward`, :func:`stacked_linear_backward` (batched GEMM of T
+  linear layers, bias and activation fused);
 * :mod:`._common`: tile-size heuristics and the tile helpers the kernels share.
 
-The functions take the normalised inputs of :mod:`noprop._custom_ops` (contiguous tensors on one
-device, float32 ``[T, B]`` or ``[N]`` coefficients, int64 labels, the seed as an int64 ``[1]``
-tensor that the kernels read on the device) and launch without reading tensor values on the host,
+The functions take the normalised inputs of :mod:`noprop._custom_ops` (tensors on one device,
+contiguous except for the stacked-linear ones, which read any strides; float32 ``[T, B]`` or
+``[N]`` coefficients, int64 labels, the seed as an int64 ``[1]`` tensor that the kernels read on
+the device) and launch without reading tensor values on the host,
 so a training step that uses them can be captured in a CUDA graph.
 
 :data:`INTERPRETER` is True when ``TRITON_INTERPRET=1`` was set before this package was imported:
@@ -18,6 +21,7 @@ import os
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+from .bmm import stacked_linear_backward, stacked_linear_forward  # noqa: E402
 from .loss import denoising_loss_backward, denoising_loss_forward  # noqa: E402
 from .noise import noised_latents_backward, noised_latents_forward, normal  # noqa: E402
 from .update import latent_update  # noqa: E402
@@ -30,4 +34,6 @@ __all__ = [
     "denoising_loss_forward",
     "denoising_loss_backward",
     "latent_update",
+    "stacked_linear_forward",
+    "stacked_linear_backward",
 ]

@@ -14,6 +14,9 @@ coefficients as float32 ``[T, B]`` or ``[N]``, seeds as int64 ``[1]`` on the dat
 ``latent_update(logits, W, z, p, q, r, seed, readout)``  ``z_new [N, D]``
 ========================================  ====================================================
 
+``noprop::stacked_linear`` (``y[t] = act(x[t] @ W[t] + b[t])``, :func:`noprop.ops.stacked_linear`)
+has a Triton implementation only and no backend argument: :mod:`noprop.kernels.bmm`.
+
 ``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2``, the per-row error the forward saves so
 the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
 ``T * B * D`` is saved for the backward: the noise is regenerated from the seed.
@@ -200,3 +203,57 @@ def latent_update(
 @latent_update.register_fake
 def _latent_update_fake(logits, W, z, p, q, r, seed, readout, backend):
     return torch.empty_like(z)
+
+
+# ---------------------------------------------------------------------------------------------- stacked_linear
+
+
+@torch.library.custom_op("noprop::stacked_linear", mutates_args=())
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str) -> Tensor:
+    """``y[t] = act(x[t] @ weight[t] + bias[t])`` with the Triton kernels (see :func:`noprop.ops.stacked_linear`)."""
+    from noprop import kernels
+
+    return kernels.stacked_linear_forward(x, weight, bias, activation)
+
+
+@stacked_linear.register_fake
+def _stacked_linear_fake(x: Tensor, weight: Tensor, bias: Tensor, activation: str) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[2]))
+
+
+@torch.library.custom_op("noprop::stacked_linear_backward", mutates_args=())
+def stacked_linear_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str, needs_input: bool, needs_params: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dW, db)`` of :func:`stacked_linear`; ``y`` is the forward output (read for ReLU only)."""
+    from noprop import kernels
+
+    dx, dW, db = kernels.stacked_linear_backward(grad_y, x, weight, y, activation, needs_input, needs_params)
+    return dx, dW, db
+
+
+@stacked_linear_backward.register_fake
+def _stacked_linear_backward_fake(grad_y, x, weight, y, activation, needs_input, needs_params):
+    T, _, O = grad_y.shape
+    dW = weight.new_empty((T, weight.shape[1], O)) if needs_params else x.new_empty((0,))
+    db = weight.new_empty((T, O)) if needs_params else x.new_empty((0,))
+    return _empty_if(needs_input, x), dW, db
+
+
+def _stacked_linear_setup(ctx, inputs, output) -> None:
+    x, weight, _, activation = inputs
+    # y gates the gradient for ReLU; without an activation the backward reads only x and weight
+    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
+    ctx.activation = activation
+
+
+def _stacked_linear_grad(ctx, grad_y: Tensor):
+    x, weight, y = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    dx, dW, db = stacked_linear_backward(
+        grad_y, x, weight, grad_y if y is None else y, ctx.activation, needs_x, needs_weight or needs_bias
+    )
+    return (dx if needs_x else None, dW if needs_weight else None, db if needs_bias else None, None)
+
+
+stacked_linear.register_autograd(_stacked_linear_grad, setup_context=_stacked_linear_setup)

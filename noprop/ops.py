@@ -7,7 +7,9 @@ Three op families cover NoProp's training and inference (DESIGN section 3):
 * :func:`latent_update`: ``z_new = p * readout(logits) @ W + q * z + r * eps``;
 
 plus :func:`normal`, the noise they all draw (``eps`` is a pure function of the seed and the
-element index, see :mod:`noprop.rng`).
+element index, see :mod:`noprop.rng`), and :func:`stacked_linear`, the batched fully connected
+layer of :class:`noprop.stack.BlockStack` (``y[t] = act(x[t] @ W[t] + b[t])``), which has its own
+backend set and ``auto`` rule (see its docstring).
 
 Each op runs on one of three backends with one signature:
 
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,6 +43,8 @@ from noprop.validation import check_choice, check_floating, check_labels, check_
 BACKENDS = ("reference", "triton", "cuda")
 FUSED_BACKENDS = ("cuda", "triton")  # the order ``auto`` tries them in on a CUDA tensor
 READOUTS = reference.READOUTS
+ACTIVATIONS = reference.ACTIVATIONS
+STACKED_LINEAR_BACKENDS = ("reference", "triton")  # stacked_linear has no C++/CUDA version
 _FUSED_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -116,6 +121,9 @@ def available_backends() -> dict[str, BackendStatus]:
     }
 
 
+# A constant for torch.compile: evaluated while tracing, never traced into (available_backends'
+# probes, such as the extension's compiled_with_cuda, are opaque to dynamo and would break the graph).
+@torch.compiler.assume_constant_result
 def _cannot_run(backend: str, device: torch.device, dtypes: Sequence[torch.dtype]) -> str:
     """Why ``backend`` cannot run tensors on ``device`` with ``dtypes``; empty if it can."""
     status = available_backends()[backend]
@@ -422,3 +430,202 @@ def latent_update(
         flat_logits.contiguous(), W.contiguous(), flat_z.contiguous(), p, q, r, seed_tensor, readout, chosen
     )
     return z_new.reshape(z.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# stacked_linear: the batched fully connected layer, and the measured choice of its ``auto``.
+
+STACKED_LINEAR_ENV = "NOPROP_STACKED_LINEAR"  # "reference" or "triton": replaces stacked_linear's auto
+TIMING_WARMUP_RUNS = 2  # untimed runs first: Triton compiles, cuBLAS picks its kernels, caches fill
+TIMING_RUNS = 5  # timed runs; auto compares their medians
+
+# auto's choice for every problem measured so far: problem key (see _stacked_linear_problem) ->
+# backend, and the medians (milliseconds per run) it was chosen from.
+_stacked_linear_choices: dict[tuple, str] = {}
+_stacked_linear_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _stacked_linear_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> tuple:
+    """Key of a problem for auto: ``(x shape, weight shape, dtype, activation, device, input grads needed)``."""
+    grads = tuple(t.requires_grad for t in (x, weight, bias)) if torch.is_grad_enabled() else (False,) * 3
+    return (tuple(x.shape), tuple(weight.shape), str(x.dtype), activation, str(x.device), grads)
+
+
+def stacked_linear_choices() -> list[dict]:
+    """What ``auto`` chose for every problem it measured (for benchmark reports), in measurement order.
+
+    Returns:
+        One dict per problem: ``x_shape [k, B, in]``, ``weight_shape [k, in, out]``, ``dtype``,
+        ``activation``, ``device``, ``grads`` (whether x, weight, bias needed gradients, so the
+        backward was timed too), ``backend`` (the faster) and ``median_ms`` (per backend).
+    """
+    fields = ("x_shape", "weight_shape", "dtype", "activation", "device", "grads")
+    return [
+        dict(zip(fields, key), backend=backend, median_ms=dict(_stacked_linear_timings[key]))
+        for key, backend in _stacked_linear_choices.items()
+    ]
+
+
+def clear_stacked_linear_choices() -> None:
+    """Forget every measured choice: the next use of each problem on a CUDA device measures again."""
+    _stacked_linear_choices.clear()
+    _stacked_linear_timings.clear()
+
+
+def _median_cuda_ms(run: Callable[[], object]) -> float:
+    """Median over ``TIMING_RUNS`` of ``run()``'s time on the current CUDA stream (CUDA events), after warm-up."""
+    for _ in range(TIMING_WARMUP_RUNS):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(TIMING_RUNS)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _time_stacked_linear(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, grads: tuple
+) -> float:
+    """Median milliseconds of one forward (and backward, for the inputs in ``grads``) on ``backend``.
+
+    Runs on detached copies of the inputs' metadata (same storage, no copy); the upstream gradient
+    is all ones, so measuring draws no random numbers and leaves every generator as it was.
+    """
+    leaves = [t.detach().requires_grad_(needed) for t, needed in zip((x, weight, bias), grads)]
+    differentiable = [t for t in leaves if t.requires_grad]
+    upstream = x.new_ones((x.shape[0], x.shape[1], weight.shape[2]))
+
+    def forward_and_backward() -> None:
+        with torch.enable_grad():
+            y = _run_stacked_linear(backend, *leaves, activation)
+            if differentiable:
+                torch.autograd.grad(y, differentiable, upstream)
+
+    return _median_cuda_ms(forward_and_backward)
+
+
+def _auto_stacked_linear_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> str:
+    """``auto`` for :func:`stacked_linear`: on CUDA the faster backend for this problem, else the reference.
+
+    The first use of a problem times both backends (:func:`_time_stacked_linear`) and caches the
+    faster; later uses read the cache. Nothing is measured while ``torch.compile`` traces or a CUDA
+    graph is captured: those use the cached choice, or the reference for a problem not seen yet.
+    An empty problem (a zero dimension) runs the reference.
+    """
+    if x.device.type != "cuda" or x.numel() == 0 or weight.numel() == 0 or _cannot_run("triton", x.device, (x.dtype,)):
+        return "reference"
+    problem = _stacked_linear_problem(x, weight, bias, activation)
+    choice = _stacked_linear_choices.get(problem)
+    if choice is not None:
+        return choice
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return "reference"
+    grads = problem[-1]
+    timings = {b: _time_stacked_linear(b, x, weight, bias, activation, grads) for b in STACKED_LINEAR_BACKENDS}
+    choice = min(timings, key=timings.__getitem__)
+    _stacked_linear_timings[problem] = timings
+    _stacked_linear_choices[problem] = choice
+    return choice
+
+
+def _stacked_linear_backend(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
+) -> str:
+    """The backend that runs :func:`stacked_linear` (see its docstring for the rules)."""
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+    if backend == "auto":
+        override = os.environ.get(STACKED_LINEAR_ENV, "").strip()
+        if not override or override == "auto":
+            return _auto_stacked_linear_backend(x, weight, bias, activation)
+        backend = check_choice(STACKED_LINEAR_ENV, override, STACKED_LINEAR_BACKENDS)
+    if backend == "cuda":
+        raise BackendUnavailableError(
+            "backend 'cuda' has no stacked_linear: the C++/CUDA extension has no GEMM. Use 'reference' "
+            "(torch.baddbmm, cuBLAS on CUDA tensors), 'triton', or 'auto' (the faster of the two)"
+        )
+    why = _cannot_run(backend, x.device, (x.dtype,))
+    if why:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run this input: {why}")
+    return backend
+
+
+def _run_stacked_linear(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
+) -> torch.Tensor:
+    if backend == "reference":
+        return reference.stacked_linear(x, weight, bias, activation)
+    from noprop import _custom_ops
+
+    return _custom_ops.stacked_linear(x, weight, bias, activation)
+
+
+def stacked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    activation: str = "none",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """T independent linear layers in one batched product: ``y[t] = act(x[t] @ weight[t] + bias[t])``.
+
+    ``act`` is the identity (``"none"``) or ReLU (``"relu"``). Differentiable in ``x``, ``weight``
+    and ``bias``: with ``g' = g * relu'(y)`` (``g`` without activation), ``dx[t] = g'[t] @ weight[t]^T``,
+    ``dW[t] = x[t]^T @ g'[t]``, ``db[t] = sum_i g'[t, i]``.
+
+    Backends (this op's own set; ``NOPROP_BACKEND`` does not apply to it):
+
+    * ``"reference"``: ``torch.baddbmm`` (cuBLAS on CUDA tensors), any device and float dtype.
+    * ``"triton"``: :mod:`noprop.kernels.bmm`, bias and activation fused into the GEMM; CUDA tensors
+      in float32, bfloat16 or float16, CPU tensors in float32 through the interpreter.
+    * ``"cuda"``: none; raises :class:`BackendUnavailableError` (the extension has no GEMM).
+    * ``"auto"``: the reference off CUDA. On CUDA, the first use of each problem (shapes, dtype,
+      activation, device, which inputs need gradients) times both backends, forward plus backward
+      when gradients are needed, as the median of ``TIMING_RUNS`` CUDA-event timings after
+      ``TIMING_WARMUP_RUNS`` warm-up runs, and keeps the faster for that problem
+      (:func:`stacked_linear_choices` lists them). Nothing is measured while ``torch.compile``
+      traces or a CUDA graph is captured; a problem not measured yet runs the reference there, so
+      run one eager step first. ``NOPROP_STACKED_LINEAR=reference|triton`` replaces ``auto``.
+
+    Inside ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``torch.baddbmm``
+    would be. A problem with a zero dimension runs the reference (there is nothing to launch).
+
+    Args:
+        x: ``[k, B, in]``, any strides (e.g. a transposed view).
+        weight: ``[k, in, out]`` (e.g. the slice of a ``[T, in, out]`` parameter for the blocks in use).
+        bias: ``[k, out]``.
+        activation: ``"none"`` or ``"relu"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``y [k, B, out]`` in the inputs' dtype.
+    """
+    x = check_tensor("x", x)
+    check_floating("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected shape [k, B, in] (one batch of inputs per block), got {list(x.shape)}")
+    k, _, in_features = x.shape
+    weight = check_tensor("weight", weight)
+    if weight.dim() != 3 or tuple(weight.shape[:2]) != (k, in_features):
+        raise ValueError(f"weight: expected shape [{k}, {in_features}, out] (k, in from x), got {list(weight.shape)}")
+    bias = check_tensor("bias", bias)
+    if tuple(bias.shape) != (k, weight.shape[2]):
+        out_features = weight.shape[2]
+        raise ValueError(f"bias: expected shape [{k}, {out_features}] (k from x, out from weight), got {list(bias.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        check_floating(name, tensor)
+        if tensor.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got one on {tensor.device}")
+    check_choice("activation", activation, ACTIVATIONS)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {tensor.dtype}")
+    chosen = _stacked_linear_backend(backend, x, weight, bias, activation)
+    if x.numel() == 0 or weight.numel() == 0:
+        chosen = "reference"
+    return _run_stacked_linear(chosen, x, weight, bias, activation)

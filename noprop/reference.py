@@ -13,6 +13,7 @@ import torch
 from noprop import rng
 
 READOUTS = ("softmax", "linear")
+ACTIVATIONS = ("none", "relu")
 
 
 def _upcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,3 +98,17 @@ def latent_update(
     eps = normal(seed, tuple(z.shape))
     z_new = p.unsqueeze(-1) * u_hat + q.unsqueeze(-1) * _upcast(z) + r.unsqueeze(-1) * eps
     return z_new.to(z.dtype)
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    """T linear layers in one batched product: ``y[t] = act(x[t] @ weight[t] + bias[t])``.
+
+    Shapes: ``x [T, B, I]``, ``weight [T, I, O]``, ``bias [T, O]``; returns ``y [T, B, O]``.
+    ``act`` is the identity (``"none"``) or ReLU (``"relu"``).
+    """
+    y = torch.baddbmm(bias.unsqueeze(1), x, weight)
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "none":
+        return y
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")

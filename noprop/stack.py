@@ -32,8 +32,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from noprop import ops
 from noprop.blocks import BlockConfig, DTBlock, feature_map_size
-from noprop.validation import check_positive_int
+from noprop.validation import check_choice, check_positive_int
 
 
 def check_block_range(blocks: range | None, T: int) -> range:
@@ -64,19 +65,22 @@ class StackedLinear(nn.Module):
     """T independent linear layers as one batched product: ``y[t] = x[t] @ weight[t] + bias[t]``.
 
     Shapes: ``x [k, B, in]`` for the blocks ``blocks`` (default all T), ``weight [T, in, out]``,
-    ``bias [T, out]``; returns ``[k, B, out]``.
+    ``bias [T, out]``; returns ``[k, B, out]``. Runs :func:`noprop.ops.stacked_linear` on the
+    backend in the attribute ``backend`` (``"auto"``, ``"reference"`` or ``"triton"``; not part of
+    the state dict), which a model may set after construction.
     """
 
-    def __init__(self, T: int, in_features: int, out_features: int):
+    def __init__(self, T: int, in_features: int, out_features: int, backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(T, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(T, out_features))
+        self.backend = check_choice("backend", backend, ("auto",) + ops.STACKED_LINEAR_BACKENDS)
         self.load_linears([nn.Linear(in_features, out_features) for _ in range(T)])  # nn.Linear's init, per block
 
     def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:
         weight = self.weight[blocks.start : blocks.stop]
         bias = self.bias[blocks.start : blocks.stop]
-        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+        return ops.stacked_linear(x, weight, bias, backend=self.backend)
 
     @torch.no_grad()
     def load_linears(self, linears: list[nn.Linear]) -> None:
