@@ -1,0 +1,66 @@
+"""The op microbenchmark script (bench/ops.py) on one tiny CPU shape: its records, criteria and files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from noprop.bench import op_cases, ops, ops_criteria, timing
+
+TINY = op_cases.Shape("tiny", T=2, B=3, C=4, D=5)
+CASES = {case.name: case for case in op_cases.CASES}
+FAST = timing.TimingConfig(warmup_s=0.0, sample_s=0.0, min_samples=3, max_samples=3, budget_s=0.0)
+
+
+def test_ops_benchmark_report_structure(tmp_path):
+    report = ops.run("cpu", (TINY,), FAST, threads=torch.get_num_threads())
+    json_path, png_path = ops.write(report, tmp_path)
+    assert json_path.name == "ops-cpu.json" and png_path.is_file() and png_path.stat().st_size > 0
+    loaded = json.loads(json_path.read_text())
+    for key in ("device", "date_utc", "versions", "threads", "timer", "backends", "shapes", "records", "criteria"):
+        assert key in loaded, key
+    assert loaded["device"]["type"] == "cpu" and loaded["threads"] >= 1
+    assert {"torch", "triton", "python", "noprop_commit"} <= set(loaded["versions"])
+    # Triton on the CPU is the interpreter (tests set TRITON_INTERPRET=1): never timed
+    assert loaded["backends"]["reference"] == "timed" and loaded["backends"]["triton"].startswith("skipped")
+
+    timed = [b for b, status in loaded["backends"].items() if status == "timed"]
+    expected = {(case.name, pass_, backend) for case, pass_ in op_cases.CASE_PASSES for backend in timed}
+    assert {(r["case"], r["pass"], r["backend"]) for r in loaded["records"]} == expected
+    for r in loaded["records"]:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["samples"] == 3
+        assert r["bytes"] == CASES[r["case"]].bytes_moved(TINY, r["pass"])
+        assert (r["speedup"] is None) == (r["backend"] == "reference")
+        assert r["floor_ms"] is None and r["peak_mem_bytes"] is None  # CUDA-only columns
+
+    # the CPU criteria need the D=784 shape, which this run skipped: reported, not evaluated
+    assert [c["passed"] for c in loaded["criteria"]] == [None, None]
+    assert all(c["threshold"] == ops_criteria.CPU_SPEEDUP_MIN for c in loaded["criteria"])
+    table = ops.markdown_table(report).splitlines()
+    assert len(table) == 2 + len(op_cases.CASE_PASSES)
+
+
+def test_byte_counts_follow_the_shape():
+    """eps is never counted: noised_latents fwd moves W, y, a, b, seed and writes z only."""
+    s = op_cases.Shape("s", T=10, B=128, C=10, D=784)
+    W, ab, z = 10 * 784, 2 * 10 * 128, 10 * 128 * 784
+    assert CASES["noised_latents"].bytes_moved(s, "fwd") == 4 * (W + ab + z) + 8 * (128 + 1)
+    assert CASES["normal"].bytes_moved(s, "fwd") == 4 * 10 * 128 * 784 + 8
+
+
+def test_device_tag():
+    assert ops.device_tag(torch.device("cpu"), "Intel Xeon") == "cpu"
+    assert ops.device_tag(torch.device("cuda"), "NVIDIA H100 80GB HBM3") == "h100"
+    assert ops.device_tag(torch.device("cuda"), "NVIDIA GeForce RTX 4090") == "rtx4090"
+
+
+def test_cpu_criterion_sums_forward_and_backward():
+    shape = op_cases.shapes_named([op_cases.CPU_CRITERION_SHAPE])[0]
+    records = [
+        {"case": case.name, "pass": pass_, "shape": shape.name, "backend": backend, "median_ms": ms}
+        for case, pass_ in op_cases.CASE_PASSES
+        for backend, ms in (("reference", 4.0), ("cuda", 2.0 if case.name == "noised_latents" else 0.5))
+    ]
+    dt, fm = ops_criteria.cpu_criteria(records, {})
+    assert dt["measured"] == fm["measured"] == 16.0 / 5.0 and dt["passed"] and fm["passed"]
