@@ -5,7 +5,7 @@ A block's output is turned into the predicted embedding ``u_hat = softmax(logits
 
 DT block (``DTBlock``)::
 
-    x -> [conv3x3(c1) relu maxpool2 dropout] -> [conv3x3(c2) ...] -> [conv3x3(c3) ...]
+    x -> [conv3x3(c1) maxpool2 relu dropout] -> [conv3x3(c2) ...] -> [conv3x3(c3) ...]
       -> flatten -> fc(hidden) -> BN -> relu                                    = image features
     z -> fc(hidden) -> BN -> relu = h;  relu(BN(fc(hidden)(h)) + h)             = label features
     concat(image, label) -> fc(f1) -> BN -> relu -> fc(f2) -> BN -> relu -> fc(C) = logits
@@ -96,7 +96,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in (self.conv1, self.conv2, self.conv3):
-            x = self.dropout(F.max_pool2d(F.relu(conv(x)), 2))
+            # relu(maxpool(.)) == maxpool(relu(.)) (relu is monotone); on the pooled map it is 4x cheaper
+            x = self.dropout(F.relu(F.max_pool2d(conv(x), 2)))
         return F.relu(self.bn(self.fc(x.flatten(1))))
 
 

@@ -226,7 +226,7 @@ class BlockStack(nn.Module):
     def _conv(self, x: torch.Tensor, conv: nn.Conv2d, channels: int, blocks: range, groups: int) -> torch.Tensor:
         rows = slice(blocks.start * channels, blocks.stop * channels)
         out = F.conv2d(x, conv.weight[rows], conv.bias[rows], padding=1, groups=groups)
-        return self.dropout(F.max_pool2d(F.relu(out), 2))
+        return self.dropout(F.relu(F.max_pool2d(out, 2)))  # pool first, as in DTBlock's ImageEncoder
 
     def _image_features(self, x: torch.Tensor, blocks: range) -> torch.Tensor:
         k = len(blocks)
