@@ -27,12 +27,9 @@ subprocess of its own and reports that process's maximum resident set size.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +40,7 @@ from typing import Callable
 import torch
 
 from noprop import NoPropCT, NoPropDT, NoPropFM
+from noprop.bench.environment import device_name, device_tag, utc_now, versions
 from noprop.bench.loops import SeedStyleLoop
 from noprop.step import TrainStep
 from noprop.train import TrainConfig, build_optimizer
@@ -57,40 +55,6 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------------------------- setup
-
-
-def device_tag(device: torch.device) -> str:
-    """A short file-name tag for the device: ``cpu``, ``h100``, ``h200``, or the GPU name in lower case."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for known in ("h200", "h100", "a100", "l40s", "l4"):
-        if known in name:
-            return known
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
-
-
-def environment(device: torch.device) -> dict:
-    """Device, software versions, the code's git commit and the date, for the results file."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=pathlib.Path(__file__).parent
-    ).stdout.strip()
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "torch_threads": torch.get_num_threads(),
-        "git_commit": commit or None,
-    }
 
 
 def _batches(device: torch.device, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,7 +226,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     for axis in (time_axis, memory_axis):
         axis.tick_params(axis="x", rotation=30)
         axis.grid(alpha=0.3, axis="y")
-    figure.suptitle(f"NoProp-DT training, T={result['settings']['T']}, B={result['settings']['batch_size']} on {result['environment']['device']}")
+    figure.suptitle(f"NoProp-DT training, T={result['settings']['T']}, B={result['settings']['batch_size']} on {result['device']['name']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -328,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("dt", "ct", "fm"):
         print(f"inference {method} ...", file=sys.stderr, flush=True)
         inference[method] = run_inference_case(method, device, args.T, args.width, batch, ode_steps, repeats=5 if on_gpu else 3)
+    name = device_name(device)
     result = {
-        "environment": environment(device),
+        "device": {"type": device.type, "name": name, "tag": device_tag(device, name), "torch_threads": torch.get_num_threads()},
+        "date_utc": utc_now(),
+        "versions": versions(),
         "settings": {"T": args.T, "batch_size": args.batch_size, "width": args.width, "dataset_size": DATASET_SIZE,
                      "timed_steps": steps, "fused_backend": _fused_backend(device), "cuda_graphs": on_gpu},
         "training": training,
@@ -338,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     result["criteria"] = criteria(training, device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(device)
+    tag = result["device"]["tag"]
     (out / f"train-{tag}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"train-{tag}.png")
     print(markdown_table(result))

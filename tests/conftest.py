@@ -42,7 +42,7 @@ def fused_backend_or_skip(backend: str, device: str = "cpu") -> str:
     return backend
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_mnist() -> pathlib.Path:
     """The real MNIST test set (IDX files) beside the checkout; skips if it is missing."""
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").exists():

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from noprop.bench import op_cases, ops, ops_criteria, timing
+from noprop.bench import environment, op_cases, ops, ops_criteria, timing
 
 TINY = op_cases.Shape("tiny", T=2, B=3, C=4, D=5)
 CASES = {case.name: case for case in op_cases.CASES}
@@ -50,9 +50,9 @@ def test_byte_counts_follow_the_shape():
 
 
 def test_device_tag():
-    assert ops.device_tag(torch.device("cpu"), "Intel Xeon") == "cpu"
-    assert ops.device_tag(torch.device("cuda"), "NVIDIA H100 80GB HBM3") == "h100"
-    assert ops.device_tag(torch.device("cuda"), "NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert environment.device_tag(torch.device("cpu"), "Intel Xeon") == "cpu"
+    assert environment.device_tag(torch.device("cuda"), "NVIDIA H100 80GB HBM3") == "h100"
+    assert environment.device_tag(torch.device("cuda"), "NVIDIA GeForce RTX 4090") == "rtx4090"
 
 
 def test_cpu_criterion_sums_forward_and_backward():

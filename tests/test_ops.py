@@ -382,3 +382,28 @@ def test_fused_on_gpu_half_precision_logits(backend, dtype):
     for expected, actual in zip(results["reference"], results[backend]):
         assert_close(actual, expected, dtype=dtype)
     assert results[backend][1].dtype == dtype
+
+
+def test_import_never_fails_without_triton_or_the_extension():
+    """A machine without Triton and without the built extension still imports noprop and runs the reference."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['triton'] = None; sys.modules['noprop._C'] = None\n"
+        "import torch, noprop\n"
+        "status = noprop.available_backends()\n"
+        "assert status['triton'].devices == () and 'triton' in status['triton'].reason, status\n"
+        "assert status['cuda'].devices == () and 'not built' in status['cuda'].reason, status\n"
+        "W = torch.randn(4, 5); y = torch.tensor([0, 3])\n"
+        "z = noprop.ops.noised_latents(W, y, torch.ones(2), torch.ones(2), 1)\n"
+        "assert z.shape == (2, 2, 5)\n"
+        "try:\n"
+        "    noprop.ops.noised_latents(W, y, torch.ones(2), torch.ones(2), 1, backend='cuda')\n"
+        "except noprop.ops.BackendUnavailableError as e:\n"
+        "    assert 'not built' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('expected BackendUnavailableError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
