@@ -64,3 +64,19 @@ def test_cpu_criterion_sums_forward_and_backward():
     ]
     dt, fm = ops_criteria.cpu_criteria(records, {})
     assert dt["measured"] == fm["measured"] == 16.0 / 5.0 and dt["passed"] and fm["passed"]
+
+
+def test_end_to_end_benchmark_runs_and_reports(tmp_path):
+    """A tiny run of ``noprop bench`` on the CPU: the results file and its criteria are complete."""
+    from noprop.cli import main
+
+    argv = ["bench", "--device", "cpu", "--width", "0.125", "--T", "2", "--steps", "1", "--warmup", "1",
+            "--cases", "seed_style", "stack_eager", "--ode-steps", "2", "--inference-batch", "8", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert set(result["training"]) == {"seed_style", "stack_eager"}
+    for row in result["training"].values():
+        assert row["epoch_seconds"] > 0 and row["peak_memory_mb"] > 0
+    assert set(result["inference"]) == {"dt", "ct", "fm"}
+    assert result["criteria"][0]["value"] is not None
+    assert (tmp_path / "train-cpu.png").is_file()
