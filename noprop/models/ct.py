@@ -6,16 +6,12 @@ import torch
 from torch import nn
 
 from noprop import ops
-from noprop.blocks import TimeBlock
-from noprop.models.base import NoPropModel
-from noprop.models.ode import integrate
+from noprop.models.ode import TimeConditionedModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import LearnableSchedule
 
-PAPER_INFERENCE_STEPS = 1000
 
-
-class NoPropCT(NoPropModel):
+class NoPropCT(TimeConditionedModel):
     """NoProp with continuous time (paper section 2.3).
 
     Training: ``t ~ U(0, 1)`` per example, ``z_t = sqrt(abar(t)) u_y + sqrt(1 - abar(t)) eps`` and
@@ -34,6 +30,7 @@ class NoPropCT(NoPropModel):
     """
 
     method = "ct"
+    readout = "softmax"
 
     def __init__(
         self,
@@ -50,7 +47,6 @@ class NoPropCT(NoPropModel):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
         self.eta = float(eta)
         self.noise_schedule = LearnableSchedule()
-        self.block = TimeBlock(num_classes, in_channels, image_size, self.embed_dim, self.block_config)
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         self.register_buffer("ends", torch.tensor([0.0, 1.0]), persistent=False)
 
@@ -77,31 +73,10 @@ class NoPropCT(NoPropModel):
         kl = kl_to_standard_normal(alpha_bar_0.sqrt() * W[y], 1 - alpha_bar_0)
         return LossTerms(l2 + ce + kl, {"ce": ce.detach(), "kl": kl.detach(), "l2": l2.detach().reshape(1)})
 
-    @torch.no_grad()
-    def predict(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        solver: str = "euler",
-        deterministic: bool = False,
-        seed: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Integrate ``dz/dt = P(t) u_hat + Q(t) z`` from ``z_0`` to ``t = 1``; logits ``[B, num_classes]``.
+    def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probability-flow ODE of the learned schedule (:meth:`LearnableSchedule.ode_coefficients`)."""
+        return self.noise_schedule.ode_coefficients(t)
 
-        Args:
-            x: images ``[B, C_in, H, W]``.
-            steps: integration steps (default 1000, the paper's).
-            solver: ``"euler"`` or ``"heun"``.
-            deterministic: start from ``z_0 = 0`` instead of ``z_0 ~ N(0, I)``.
-            seed: seed of ``z_0``; drawn if None.
-        """
-        steps, solver = self._check_solver(steps, solver, PAPER_INFERENCE_STEPS)
-        x, _ = self.check_inputs(x)
-        W = self.embedding.weight
-        features = self.block.image(x)
-        shape = (x.shape[0], self.embed_dim)
-        seed = self._inference_seed(seed, x.device)
-        z = W.new_zeros(shape) if deterministic else ops.normal(seed, shape, backend=self.backend).to(W.dtype)
-        P, Q = self.noise_schedule.ode_coefficients(torch.linspace(0.0, 1.0, steps + 1, device=x.device))
-        z = integrate(lambda z, t: self.block.head(features, z, t), W, z, P, Q, solver, "softmax", self.backend)
+    def class_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The classifier on ``z_1``."""
         return self.classifier(z)

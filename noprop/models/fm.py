@@ -5,15 +5,11 @@ from __future__ import annotations
 import torch
 
 from noprop import ops
-from noprop.blocks import TimeBlock
-from noprop.models.base import NoPropModel
-from noprop.models.ode import integrate
+from noprop.models.ode import TimeConditionedModel
 from noprop.objectives import LossTerms, cross_entropy, nearest_embedding_logits
 
-PAPER_INFERENCE_STEPS = 1000
 
-
-class NoPropFM(NoPropModel):
+class NoPropFM(TimeConditionedModel):
     """NoProp with flow matching (paper section 2.3).
 
     Training: ``t ~ U(0, 1)``, ``z_0 ~ N(0, I)``, ``z_t = t u_y + (1 - t) z_0``; the block predicts
@@ -27,6 +23,7 @@ class NoPropFM(NoPropModel):
     """
 
     method = "fm"
+    readout = "linear"
 
     def __init__(
         self,
@@ -40,7 +37,6 @@ class NoPropFM(NoPropModel):
         backend: str = "auto",
     ):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
-        self.block = TimeBlock(num_classes, in_channels, image_size, self.embed_dim, self.block_config)
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> LossTerms:
         """The FM objective; ``parts["l2"]`` is the velocity loss (``[1]``)."""
@@ -66,31 +62,10 @@ class NoPropFM(NoPropModel):
             total = total + anchor
         return LossTerms(total, parts)
 
-    @torch.no_grad()
-    def predict(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        solver: str = "euler",
-        deterministic: bool = False,
-        seed: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Integrate ``dz/dt = v(z, x, t)`` from ``z_0`` to ``t = 1``; logits ``-||z_1 - W_c||^2`` ``[B, C]``.
+    def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dz/dt = v``: ``P = 1``, ``Q = 0``."""
+        return torch.ones_like(t), torch.zeros_like(t)
 
-        Args:
-            x: images ``[B, C_in, H, W]``.
-            steps: integration steps (default 1000, the paper's).
-            solver: ``"euler"`` or ``"heun"``.
-            deterministic: start from ``z_0 = 0`` instead of ``z_0 ~ N(0, I)``.
-            seed: seed of ``z_0``; drawn if None.
-        """
-        steps, solver = self._check_solver(steps, solver, PAPER_INFERENCE_STEPS)
-        x, _ = self.check_inputs(x)
-        W = self.embedding.weight
-        features = self.block.image(x)
-        shape = (x.shape[0], self.embed_dim)
-        seed = self._inference_seed(seed, x.device)
-        z = W.new_zeros(shape) if deterministic else ops.normal(seed, shape, backend=self.backend).to(W.dtype)
-        P = torch.ones(steps + 1, device=x.device)
-        z = integrate(lambda z, t: self.block.head(features, z, t), W, z, P, torch.zeros_like(P), solver, "linear", self.backend)
-        return nearest_embedding_logits(z, W)
+    def class_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """``-||z_1 - W_c||^2``: the nearest class embedding wins."""
+        return nearest_embedding_logits(z, self.embedding.weight)

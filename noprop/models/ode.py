@@ -1,9 +1,9 @@
 """Inference by integrating ``dz/dt = P(t) readout(logits(z, t)) @ W + Q(t) z`` from t = 0 to 1.
 
 NoProp-CT (``P, Q`` from its schedule, softmax readout) and NoProp-FM (``P = 1, Q = 0``, linear
-readout: the block predicts the velocity) share this integrator. Every step is one or two
-:func:`noprop.ops.latent_update` calls, so the fused backends run the readout, the matrix product
-and the update in one launch.
+readout: the block predicts the velocity) share this integrator and the model skeleton
+:class:`TimeConditionedModel`. Every step is one or two :func:`noprop.ops.latent_update` calls, so
+the fused backends run the readout, the matrix product and the update in one launch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from typing import Callable
 import torch
 
 from noprop import ops
+from noprop.blocks import TimeBlock
+from noprop.models.base import NoPropModel
+
+PAPER_INFERENCE_STEPS = 1000
 
 
 def integrate(
@@ -59,3 +63,54 @@ def integrate(
         logits_next = logits_at(z_guess, times[k + 1].expand(batch))
         z = step(logits, z, h / 2 * P[k], 1 + h / 2 * Q[k]) + step(logits_next, z_guess, h / 2 * P[k + 1], h / 2 * Q[k + 1])
     return z
+
+
+class TimeConditionedModel(NoPropModel):
+    """A NoProp model with one time-conditioned block (CT, FM): shared construction and inference.
+
+    Subclasses set :attr:`readout` and implement :meth:`ode_coefficients` and :meth:`class_logits`.
+    Arguments: see :class:`noprop.models.base.NoPropModel`.
+    """
+
+    readout: str = "softmax"
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, embedding: str, embedding_dim: int | None, width: float, backend: str):
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        self.block = TimeBlock(num_classes, in_channels, image_size, self.embed_dim, self.block_config)
+
+    def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P(t), Q(t)`` of ``dz/dt = P u_hat + Q z`` at the times ``t [n]``."""
+        raise NotImplementedError
+
+    def class_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` from the latent ``z [B, D]`` reached at ``t = 1``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(
+        self,
+        x: torch.Tensor,
+        steps: int | None = None,
+        solver: str = "euler",
+        deterministic: bool = False,
+        seed: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Integrate from ``z_0`` to ``t = 1``, then :meth:`class_logits`: logits ``[B, num_classes]``.
+
+        Args:
+            x: images ``[B, C_in, H, W]``.
+            steps: integration steps (default 1000, the paper's).
+            solver: ``"euler"`` or ``"heun"``.
+            deterministic: start from ``z_0 = 0`` instead of ``z_0 ~ N(0, I)``.
+            seed: seed of ``z_0``; drawn if None.
+        """
+        steps, solver = self._check_solver(steps, solver, PAPER_INFERENCE_STEPS)
+        x, _ = self.check_inputs(x)
+        W = self.embedding.weight
+        features = self.block.image(x)  # the image path does not depend on z or t: once per call
+        shape = (x.shape[0], self.embed_dim)
+        seed = self._inference_seed(seed, x.device)
+        z = W.new_zeros(shape) if deterministic else ops.normal(seed, shape, backend=self.backend).to(W.dtype)
+        P, Q = self.ode_coefficients(torch.linspace(0.0, 1.0, steps + 1, device=x.device))
+        z = integrate(lambda z, t: self.block.head(features, z, t), W, z, P, Q, solver, self.readout, self.backend)
+        return self.class_logits(z)
