@@ -279,8 +279,8 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
         )
     dataset = dataset.to(device)
     model = build_model(config.method, **model_kwargs(config, dataset)).to(device)
-    if model.embedding.kind == "prototype" and state is None:
-        model.embedding.initialize_prototypes(dataset.train_x, dataset.train_y)
+    if state is None:
+        model.initialize_from_data(dataset.train_x, dataset.train_y)
     optimizer = build_optimizer(model, config)
     loader_generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []

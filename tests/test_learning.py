@@ -2,9 +2,8 @@
 
 Blocks are a quarter of the paper's width (``width=0.25``: convolutions 8/16/32, hidden 64,
 fusion 64/32); everything else is the paper's (batch 128, lr 1e-3, weight decay 1e-3, T = 10).
-CT and FM integrate with 20 Euler steps at evaluation. The epochs are what this split needs: it
-has 63 minibatches per epoch, and the linear classifier on ``z_T`` needs a few hundred steps at
-lr 1e-3 before its argmax follows the blocks.
+CT and FM integrate with 20 Euler steps at evaluation. The epochs are what this split needs (63
+minibatches per epoch), with a margin of five points or more measured when they were chosen.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from noprop.train import TrainConfig, train
 pytestmark = pytest.mark.slow
 
 TRAIN, TEST = 8000, 2000
+DT_EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _train(tmp_path, dataset, **overrides):
 
 @pytest.fixture(scope="module")
 def dt_batched_accuracy(mnist_split, tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("dt"), mnist_split, method="dt", epochs=8)
+    return _train(tmp_path_factory.mktemp("dt"), mnist_split, method="dt", epochs=DT_EPOCHS)
 
 
 def test_dt_beats_90_percent(dt_batched_accuracy):
@@ -45,8 +45,8 @@ def test_dt_beats_90_percent(dt_batched_accuracy):
 
 
 def test_paper_schedule_matches_batched_within_one_point(dt_batched_accuracy, mnist_split, tmp_path):
-    """Same number of block updates (8 epochs: every block sees every example 8 times) both ways."""
-    paper = _train(tmp_path, mnist_split, method="dt", epochs=8, schedule="paper")
+    """Same number of block updates (every block sees every example DT_EPOCHS times) both ways."""
+    paper = _train(tmp_path, mnist_split, method="dt", epochs=DT_EPOCHS, schedule="paper")
     assert abs(paper - dt_batched_accuracy) <= 0.01
 
 

@@ -305,7 +305,8 @@ def test_prototype_embedding_is_the_class_medoid():
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     with pytest.raises(RuntimeError, match="initialize_prototypes"):
         model.loss(x, y)
-    model.embedding.initialize_prototypes(x, y)
+    model.initialize_from_data(x, y)
+    torch.testing.assert_close(model.classifier.weight, model.embedding.weight)  # re-synced to the medoids
     for c in range(3):
         members = x[y == c].flatten(1)
         distances = torch.stack([(members - m).norm(dim=1).sum() for m in members])
@@ -319,3 +320,12 @@ def test_learned_embedding_is_orthogonal_at_init():
     W = NoPropDT(10, 1, 28, T=2, embedding="learned", width=WIDTH).embedding.weight.detach()
     assert W.shape == (10, 20)
     torch.testing.assert_close(W @ W.T, torch.eye(10), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [NoPropDT, NoPropCT])
+def test_classifier_starts_as_the_embedding(cls):
+    """logits_c = <z, u_c> at initialisation, so a clean class embedding is classified correctly."""
+    model = cls(10, 1, 28, embedding="learned", width=WIDTH)
+    W = model.embedding.weight.detach()
+    torch.testing.assert_close(model.classifier.weight.detach(), W)
+    assert torch.equal(model.classifier(W).argmax(-1), torch.arange(10))

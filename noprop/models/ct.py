@@ -48,6 +48,7 @@ class NoPropCT(TimeConditionedModel):
         self.eta = float(eta)
         self.noise_schedule = LearnableSchedule()
         self.classifier = nn.Linear(self.embed_dim, num_classes)
+        self.reset_classifier()
         self.register_buffer("ends", torch.tensor([0.0, 1.0]), persistent=False)
 
     def config(self) -> dict:

@@ -64,6 +64,7 @@ class NoPropDT(NoPropModel):
         container = BlockStack if schedule == "batched" else BlockList
         self.blocks = container.build(T, num_classes, in_channels, image_size, self.embed_dim, self.block_config)
         self.classifier = nn.Linear(self.embed_dim, num_classes)
+        self.reset_classifier()
         s = self.noise_schedule
         # float32 copies of the float64 schedule, on the model's device; derived from T, so not saved.
         for name, value in {
