@@ -46,6 +46,14 @@ def check_block_range(blocks: range | None, T: int) -> range:
     return blocks
 
 
+def check_block_inputs(blocks: range | None, T: int, z: torch.Tensor) -> range:
+    """:func:`check_block_range`, then ``z``'s shape: one latent ``[B, D]`` per block in the range."""
+    blocks = check_block_range(blocks, T)
+    if z.dim() != 3 or z.shape[0] != len(blocks):
+        raise ValueError(f"z: expected [{len(blocks)}, B, D] (one latent per block), got shape {list(z.shape)}")
+    return blocks
+
+
 def clip_per_block_(gradients: list[torch.Tensor], T: int, max_norm: float) -> torch.Tensor:
     """Scale block t's gradients so their joint norm is at most ``max_norm``, for every block t.
 
@@ -78,6 +86,7 @@ class StackedLinear(nn.Module):
         self.load_linears([nn.Linear(in_features, out_features) for _ in range(T)])  # nn.Linear's init, per block
 
     def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:
+        """``x [k, B, in]`` through the layers of ``blocks`` (``k = len(blocks)``): ``[k, B, out]``."""
         weight = self.weight[blocks.start : blocks.stop]
         bias = self.bias[blocks.start : blocks.stop]
         return ops.stacked_linear(x, weight, bias, backend=self.backend)
@@ -109,6 +118,7 @@ class StackedBatchNorm(nn.BatchNorm1d):
         self.features = features
 
     def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:  # type: ignore[override]
+        """Normalise ``x [k, B, features]`` with the statistics and affine slices of ``blocks``; same shape."""
         k, batch, features = x.shape
         lo, hi = blocks.start * features, blocks.stop * features
         flat = x.permute(1, 0, 2).reshape(batch, k * features)
@@ -248,15 +258,24 @@ class BlockStack(nn.Module):
         return self.out(h, blocks)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None) -> torch.Tensor:
-        blocks = check_block_range(blocks, self.T)
-        if z.dim() != 3 or z.shape[0] != len(blocks):
-            raise ValueError(f"z: expected [{len(blocks)}, B, D] (one latent per block), got shape {list(z.shape)}")
+        """Every block's logits at once: ``logits[j] = block_t(x, z[j])`` for ``t = blocks[j]``.
+
+        Args:
+            x: images ``[B, C_in, H, W]``, shared by all blocks.
+            z: one noised latent per block, ``[k, B, D]`` with ``k = len(blocks)``.
+            blocks: a range of consecutive block indices (default all T).
+        Returns:
+            ``[k, B, num_classes]``.
+        """
+        blocks = check_block_inputs(blocks, self.T, z)
         return self._head(self._image_features(x, blocks), z, blocks)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block's image features, for inference: ``[T, B, hidden]`` from ``x [B, C_in, H, W]``."""
         return self._image_features(x, range(self.T))
 
     def head(self, t: int, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Block ``t``'s logits ``[B, num_classes]`` from its image features ``features[t]`` and ``z [B, D]``."""
         return self._head(features[t : t + 1], z.unsqueeze(0), range(t, t + 1))[0]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -316,15 +335,24 @@ class BlockList(nn.Module):
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None) -> torch.Tensor:
-        blocks = check_block_range(blocks, self.T)
-        if z.dim() != 3 or z.shape[0] != len(blocks):
-            raise ValueError(f"z: expected [{len(blocks)}, B, D] (one latent per block), got shape {list(z.shape)}")
+        """Every block's logits at once: ``logits[j] = block_t(x, z[j])`` for ``t = blocks[j]``.
+
+        Args:
+            x: images ``[B, C_in, H, W]``, shared by all blocks.
+            z: one noised latent per block, ``[k, B, D]`` with ``k = len(blocks)``.
+            blocks: a range of consecutive block indices (default all T).
+        Returns:
+            ``[k, B, num_classes]``.
+        """
+        blocks = check_block_inputs(blocks, self.T, z)
         return torch.stack([self.blocks[t](x, z[j]) for j, t in enumerate(blocks)])
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block's image features, for inference: ``[T, B, hidden]`` from ``x [B, C_in, H, W]``."""
         return torch.stack([block.image(x) for block in self.blocks])
 
     def head(self, t: int, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Block ``t``'s logits ``[B, num_classes]`` from its image features ``features[t]`` and ``z [B, D]``."""
         return self.blocks[t].head(features[t], z)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
