@@ -27,6 +27,31 @@ from noprop.objectives import LossTerms
 from noprop.validation import check_positive_int
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS/cuDNN workspaces, allocator)
+ZERO_INITIALISED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def snapshot_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """Copies of every tensor in ``optimizer.state``, keyed by parameter then by state name."""
+    return {p: {k: v.clone() for k, v in state.items() if torch.is_tensor(v)} for p, state in optimizer.state.items()}
+
+
+@torch.no_grad()
+def restore_optimizer_state_(optimizer: torch.optim.Optimizer, snapshot: dict) -> None:
+    """Put the optimizer's state back to ``snapshot`` in place, keeping every state tensor object.
+
+    A tensor that existed at the snapshot gets its old value; one created since (the lazily
+    initialised state of a fresh optimizer) is zeroed, which is Adam's and AdamW's initial state
+    (``step``, ``exp_avg``, ``exp_avg_sq``). In place matters for graph capture: a state that is
+    missing when the step is captured would be created inside the graph, and every replay would
+    re-zero it.
+    """
+    if not isinstance(optimizer, ZERO_INITIALISED_OPTIMIZERS):
+        raise TypeError(f"optimizer: restoring a fresh state needs Adam or AdamW (zero initial state), got {type(optimizer).__name__}")
+    for p, state in optimizer.state.items():
+        before = snapshot.get(p, {})
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                value.copy_(before[name]) if name in before else value.zero_()
 
 
 class TrainStep:
@@ -63,6 +88,8 @@ class TrainStep:
             raise ValueError("compile, cuda_graphs: choose one (torch.compile(mode='reduce-overhead') captures graphs itself)")
         if cuda_graphs and getattr(model, "schedule", "batched") != "batched":
             raise ValueError("cuda_graphs: the paper schedule changes the trained block every pass; use schedule='batched'")
+        if cuda_graphs and not isinstance(optimizer, ZERO_INITIALISED_OPTIMIZERS):
+            raise TypeError(f"optimizer: cuda_graphs supports Adam and AdamW (capturable=True), got {type(optimizer).__name__}")
         self.block_chunk = block_chunk
         self.grad_clip = grad_clip
         self.cuda_graphs = cuda_graphs
@@ -121,9 +148,12 @@ class TrainStep:
     # ------------------------------------------------------------------------------------------ graphs
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Warm up on a side stream, restore the pre-warm-up state, then capture one step."""
+        """Warm up on a side stream, restore the pre-warm-up state in place, then capture one step.
+
+        The warm-up also creates the optimizer's state, so that the captured graph only updates it.
+        """
         model_state = copy.deepcopy(self.model.state_dict())
-        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        optimizer_state = snapshot_optimizer_state(self.optimizer)
         rng_state = torch.cuda.get_rng_state(x.device)
         self._static = {"x": x.clone(), "y": y.clone()}
         side = torch.cuda.Stream(x.device)
@@ -133,8 +163,8 @@ class TrainStep:
                 self._eager_step(self._static["x"], self._static["y"], None)
         torch.cuda.current_stream(x.device).wait_stream(side)
         # the warm-up steps must not count as training: put everything back as it was
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        self.model.load_state_dict(model_state)  # copies into the existing parameters and buffers
+        restore_optimizer_state_(self.optimizer, optimizer_state)
         torch.cuda.set_rng_state(rng_state, x.device)
         self.optimizer.zero_grad(set_to_none=False)
         graph = torch.cuda.CUDAGraph()

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import fused_backend_or_skip
 from noprop import NoPropDT
 from noprop.bench.loops import SeedStyleLoop
-from noprop.step import TrainStep
+from noprop.step import TrainStep, restore_optimizer_state_, snapshot_optimizer_state
 from noprop.train import TrainConfig, build_optimizer
 
 
@@ -145,6 +145,53 @@ def test_step_rejects_bad_combinations():
         TrainStep(_dt(2, schedule="paper"), optimizer, cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA tensors"):
         TrainStep(model, optimizer, cuda_graphs=True)(*_batch())
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_optimizer_restore_keeps_tensors_and_undoes_warm_up(optimizer_class, steps_before):
+    """What graph capture relies on: after warm-up steps and a restore, the state tensors are the
+    same objects (the graph updates them in place) and the next step is the step an optimizer that
+    never warmed up would take, from a fresh state (steps_before=0) or a trained one."""
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(5, 3)
+    twin = copy.deepcopy(layer)
+    optimizer = optimizer_class(layer.parameters(), lr=0.1, weight_decay=0.01, foreach=True)
+    reference = optimizer_class(twin.parameters(), lr=0.1, weight_decay=0.01, foreach=True)
+    inputs = [torch.randn(4, 5) for _ in range(steps_before + 4)]
+
+    def step(module, opt, x):
+        opt.zero_grad()
+        module(x).square().sum().backward()
+        opt.step()
+
+    for x in inputs[:steps_before]:
+        step(layer, optimizer, x)
+        step(twin, reference, x)
+    parameters = copy.deepcopy(layer.state_dict())
+    snapshot = snapshot_optimizer_state(optimizer)
+    for x in inputs[steps_before : steps_before + 3]:  # the warm-up
+        step(layer, optimizer, x)
+    state_objects = {id(v) for state in optimizer.state.values() for v in state.values()}
+    layer.load_state_dict(parameters)
+    restore_optimizer_state_(optimizer, snapshot)
+    assert {id(v) for state in optimizer.state.values() for v in state.values()} == state_objects
+    step(layer, optimizer, inputs[-1])
+    step(twin, reference, inputs[-1])
+    for p, q in zip(layer.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for p, q in zip(layer.parameters(), twin.parameters()):
+        for name, value in reference.state[q].items():
+            torch.testing.assert_close(optimizer.state[p][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_restore_and_cuda_graphs_reject_other_optimizers():
+    model = _dt(2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="optimizer: restoring a fresh state needs Adam or AdamW"):
+        restore_optimizer_state_(sgd, {})
+    with pytest.raises(TypeError, match="optimizer: cuda_graphs supports Adam and AdamW"):
+        TrainStep(model, sgd, cuda_graphs=True)
 
 
 @pytest.mark.gpu
