@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <initializer_list>
 
 #include "noprop_math.h"
@@ -257,7 +258,8 @@ __device__ void accumulate_outer_sum(const OuterSum& s, const Coef& coef, const 
       a.y += sum.y;
       a.z += sum.z;
       a.w += sum.w;
-    } else {
+    } else if (sum.x != 0.f || sum.y != 0.f || sum.z != 0.f || sum.w != 0.f) {
+      // a one-hot coefficient leaves most (c, q) at zero: skip their atomics (NaN still goes through)
       atomic_add_quad(s.gW + static_cast<int64_t>(c) * s.D, q, s.D, s.vec, sum);
     }
   }
@@ -773,7 +775,8 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_forward_cuda(const at::Tensor&
   const at::Tensor W32 = W.to(at::kFloat);
   at::Tensor row_sq_error = at::empty({s.T, s.B}, weight.options());
   const int64_t N = s.T * s.B;
-  if (N == 0) return {at::zeros({}, weight.options()), row_sq_error};
+  // no rows: the sum over t is 0, but with B = 0 its 1/B makes it NaN, as on the CPU and in the reference
+  if (N == 0) return {at::full({}, s.B == 0 ? NAN : 0.0f, weight.options()), row_sq_error};
   at::Tensor loss = at::empty({}, weight.options());
   const RowPlan plan = plan_rows(N, s.D, row_bytes(s.C, s.D, 1, false));
   const RowShape shape = row_shape(N, s.B, s.C, s.D, plan, {W32.data_ptr()});
