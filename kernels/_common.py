@@ -4,8 +4,9 @@ Conventions of every kernel in this package:
 
 * The ``T`` blocks and ``B`` examples of a ``[T, B, ...]`` tensor are flattened into rows
   ``n = t * B + i``; a row's label is ``y[n % B]``.
-* The noise of element ``(n, d)`` of a ``[rows, D]`` latent is ``tl.randn(seed, n * D + d)``: its
-  counter is the element's row-major index, in int64 (``T * B * D`` can exceed ``2**31``).
+* The noise of element ``(n, d)`` of a ``[rows, D]`` latent is ``randn_contract(seed, n * D + d)``
+  (``tl.randn`` of Triton >= 3.4, on every release): its counter is the element's row-major
+  index, in int64 (``T * B * D`` can exceed ``2**31``).
 * Class and column tiles are powers of two; classes are padded to at least 16 so that
   ``readout(logits) @ W`` and the weight-gradient reductions run as ``tl.dot``.
 * Every sum is accumulated in float32, whatever the dtype of the inputs.
@@ -194,3 +195,18 @@ def store_or_accumulate(ptr, value, mask, ACCUMULATE: tl.constexpr):
         tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
     else:
         tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def randn_contract(seed, index):
+    """``eps`` of the noise contract for int64 ``index``: Philox-4x32-10 on ``(lo32(index), hi32(index), 0, 0)``.
+
+    Equal to ``tl.randn(seed, index)`` on Triton >= 3.4; older releases run 64-bit Philox for an
+    int64 offset (different numbers), so the counter is split here explicitly.
+    """
+    lo = index.to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    zero = lo * 0
+    i1, i2, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    eps, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+    return eps

@@ -24,6 +24,7 @@ from ._common import (
     LOSS_FORWARD_TILE,
     load_class_weights,
     load_embedding_chunk,
+    randn_contract,
     row_tiling,
 )
 
@@ -39,7 +40,7 @@ def _chunk_residual(
     """
     residual = tl.dot(weights_minus_onehot, embedding_chunk, input_precision=DOT_PRECISION)
     if HAS_NOISE:
-        residual -= noise_coef[:, None] * tl.randn(seed, rows[:, None] * dim + cols[None, :])
+        residual -= noise_coef[:, None] * randn_contract(seed, rows[:, None] * dim + cols[None, :])
     return tl.where(mask, residual, 0.0)
 
 
@@ -104,7 +105,7 @@ def denoising_loss_forward(
     """Weighted denoising loss of all T blocks and each row's squared error, in one launch.
 
     ``row_sq_error[t, i] = ||readout(logits[t, i]) @ W - W[y_i] - noise_coef[t, i] * eps[t, i]||^2``
-    with ``eps[t, i, d] = tl.randn(seed, (t * B + i) * D + d)`` (the noise of the noised latents;
+    with ``eps[t, i, d] = randn_contract(seed, (t * B + i) * D + d)`` (the noise of the noised latents;
     no noise term when ``noise_coef`` is None) and ``loss = sum(weight * row_sq_error) / B``.
 
     Args:

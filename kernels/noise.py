@@ -1,6 +1,6 @@
 """Noise kernels: the noise contract's normals and the noised latents, forward and backward.
 
-``eps[n, d] = tl.randn(seed, n * D + d)`` is drawn where it is used and never stored: the forward
+``eps[n, d] = randn_contract(seed, n * D + d)`` is drawn where it is used and never stored: the forward
 of the noised latents draws it to build ``z``, the backward draws the same values again for the
 gradient of the noise coefficient.
 """
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, class_block, example_tiling, store_or_accumulate
+from ._common import DOT_PRECISION, class_block, example_tiling, randn_contract, store_or_accumulate
 
 NORMAL_BLOCK = 1024  # elements per program of the element-wise kernels (8 per thread with 4 warps)
 
@@ -20,11 +20,11 @@ NORMAL_BLOCK = 1024  # elements per program of the element-wise kernels (8 per t
 def _normal_kernel(out_ptr, seed_ptr, numel, offset, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(seed_ptr)
-    tl.store(out_ptr + index, tl.randn(seed, offset + index), mask=index < numel)
+    tl.store(out_ptr + index, randn_contract(seed, offset + index), mask=index < numel)
 
 
 def normal(seed: torch.Tensor, shape: tuple[int, ...], offset: int) -> torch.Tensor:
-    """Standard normals of the noise contract: ``out.flatten()[k] = tl.randn(seed, offset + k)``.
+    """Standard normals of the noise contract: ``out.flatten()[k] = randn_contract(seed, offset + k)``.
 
     Args:
         seed: int64 ``[1]`` on the output's device (read in-kernel).
@@ -61,7 +61,7 @@ def _noised_latents_forward_kernel(
     a = tl.load(a_ptr + row, mask=mask, other=0.0)
     b = tl.load(b_ptr + row, mask=mask, other=0.0)
     index = t * slice_numel + element  # = row * D + col: the element's address and its noise counter
-    eps = tl.randn(tl.load(seed_ptr), index)
+    eps = randn_contract(tl.load(seed_ptr), index)
     tl.store(z_ptr + index, (a * signal + b * eps).to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -70,7 +70,7 @@ def noised_latents_forward(
 ) -> torch.Tensor:
     """Noised label embeddings ``z[t, i, :] = a[t, i] * W[y_i, :] + b[t, i] * eps[t, i, :]``.
 
-    ``eps[t, i, d] = tl.randn(seed, (t * B + i) * D + d)``; the rows of ``W`` are gathered and the
+    ``eps[t, i, d] = randn_contract(seed, (t * B + i) * D + d)``; the rows of ``W`` are gathered and the
     noise drawn in-kernel, nothing but ``z`` is written. One launch.
 
     Args:
@@ -121,7 +121,7 @@ def _noised_latents_backward_kernel(
         if NEEDS_A:
             store_or_accumulate(ga_ptr + rows, tl.sum(grad * signal, axis=1), example_mask, ACCUMULATE_ROW_GRADS)
         if NEEDS_B:
-            eps = tl.randn(seed, index)
+            eps = randn_contract(seed, index)
             store_or_accumulate(gb_ptr + rows, tl.sum(grad * eps, axis=1), example_mask, ACCUMULATE_ROW_GRADS)
     if NEEDS_W:
         if CLASS_REDUCE:
@@ -129,7 +129,9 @@ def _noised_latents_backward_kernel(
             # present in the tile and column.
             classes = tl.arange(0, BLOCK_C)
             onehot = ((labels[:, None] == classes[None, :]) & example_mask[:, None]).to(tl.float32)
-            per_class = tl.dot(tl.trans(onehot), weighted_grad, input_precision=DOT_PRECISION)
+            # exact float32: the one-hot operand needs no tf32x3 split, and Triton 3.1/3.2 cannot
+            # compile tf32x3 on a transposed operand; this product runs once per program
+            per_class = tl.dot(tl.trans(onehot), weighted_grad, input_precision="ieee")
             present = tl.max(onehot, axis=0) > 0
             tl.atomic_add(
                 gW_ptr + classes[:, None] * dim + cols[None, :], per_class,

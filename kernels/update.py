@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, LATENT_UPDATE_TILE, load_class_weights, load_embedding_chunk, row_tiling
+from ._common import DOT_PRECISION, LATENT_UPDATE_TILE, load_class_weights, load_embedding_chunk, randn_contract, row_tiling
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _latent_update_kernel(
             u_hat = tl.dot(class_weights, embedding_chunk, input_precision=DOT_PRECISION)
             index = rows[:, None] * dim + cols[None, :]  # the element's address and its noise counter
             z = tl.load(z_ptr + index, mask=mask, other=0.0).to(tl.float32)
-            z_new = p * u_hat + q * z + r * tl.randn(seed, index)
+            z_new = p * u_hat + q * z + r * randn_contract(seed, index)
             tl.store(z_new_ptr + index, z_new.to(z_new_ptr.dtype.element_ty), mask=mask)
 
 
@@ -53,7 +53,7 @@ def latent_update(
 ) -> torch.Tensor:
     """One inference step: ``z_new[n] = p[n] * readout(logits[n]) @ W + q[n] * z[n] + r[n] * eps[n]``.
 
-    ``eps[n, d] = tl.randn(seed, n * D + d)``, always drawn (whether ``r`` is zero is not known on
+    ``eps[n, d] = randn_contract(seed, n * D + d)``, always drawn (whether ``r`` is zero is not known on
     the host without a synchronisation). Inference only: no backward.
 
     Args:
