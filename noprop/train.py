@@ -207,7 +207,9 @@ class EpochStats:
 
     def add(self, terms: LossTerms, blocks: range | None = None, T: int | None = None) -> None:
         """Accumulate one step. With ``blocks`` (the paper schedule), ``l2`` covers only those of the T blocks."""
-        self.total = terms.total.detach() if self.total is None else self.total + terms.total.detach()
+        # the first step's tensors are copied: a CUDA-graph step returns the same static tensors on
+        # every replay, so keeping a reference would count the next step's values instead
+        self.total = terms.total.detach().clone() if self.total is None else self.total + terms.total.detach()
         self.steps += 1
         for name, value in terms.parts.items():
             value = value.detach().float()
@@ -218,7 +220,7 @@ class EpochStats:
                 self.sums[name][blocks.start : blocks.stop] += value
                 self.counts[name][blocks.start : blocks.stop] += 1
                 continue
-            self.sums[name] = value if name not in self.sums else self.sums[name] + value
+            self.sums[name] = value.clone() if name not in self.sums else self.sums[name] + value
             self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self) -> dict:

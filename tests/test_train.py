@@ -11,7 +11,7 @@ from noprop import checkpoint as ckpt
 from noprop.data import from_uint8
 from noprop.models.dt import NoPropDT
 from noprop.objectives import LossTerms
-from noprop.train import NonFiniteLossError, TrainConfig, train
+from noprop.train import EpochStats, NonFiniteLossError, TrainConfig, train
 
 
 def tiny_digits(n_train=96, n_test=48, seed=0):
@@ -43,6 +43,18 @@ def test_outputs_metrics_curves_checkpoint(tmp_path):
     assert state["epoch"] == 1 and state["method"] == "dt" and state["schedule"]["kind"] == "cosine"
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy", "loader"}
     assert result.history == state["history"]
+
+
+def test_epoch_means_survive_steps_that_reuse_their_output_tensors():
+    """A CUDA-graph step returns the same static tensors on every replay, overwritten in place:
+    the epoch's means must still be the means of the values each step had."""
+    total, l2 = torch.tensor(1.0), torch.tensor([1.0, 2.0])
+    stats = EpochStats()
+    stats.add(LossTerms(total, {"l2": l2}))
+    total.fill_(3.0)  # the next replay writes into the same tensors
+    l2.copy_(torch.tensor([5.0, 6.0]))
+    stats.add(LossTerms(total, {"l2": l2}))
+    assert stats.means() == {"loss": 2.0, "l2": [3.0, 4.0]}
 
 
 @pytest.mark.parametrize("method", ["dt", "ct"])
