@@ -18,7 +18,9 @@ which would be far too slow under the interpreter.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import triton
@@ -154,6 +156,28 @@ def example_tiling(steps: int, batch: int, dim: int) -> ExampleTiling:
     tiles = (triton.cdiv(batch, block_examples), triton.cdiv(dim, block_cols))
     step_groups = max(1, min(steps, triton.cdiv(FILL_PROGRAMS, max(1, tiles[0] * tiles[1]))))
     return ExampleTiling(block_examples, block_cols, step_groups, (*tiles, step_groups))
+
+
+HostFunction = TypeVar("HostFunction", bound=Callable)
+
+
+def launches_on_input_device(host_function: HostFunction) -> HostFunction:
+    """Run a host function with the current CUDA device set to that of its first tensor argument.
+
+    Triton launches on the *current* device, not the tensors' one: without this a model on
+    ``cuda:1`` would launch on ``cuda:0`` with ``cuda:1`` pointers. CPU tensors (the interpreter)
+    pass straight through.
+    """
+
+    @functools.wraps(host_function)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return host_function(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return host_function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------- device helpers

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, MIN_DOT_SIZE
+from ._common import DOT_PRECISION, MIN_DOT_SIZE, launches_on_input_device
 
 MAX_TILE = 128  # widest output tile side: a 128 x 128 float32 accumulator is 64 registers per thread at 8 warps
 MIN_SHRUNK_TILE = 64  # tiles shrink toward the SM count no further: wgmma works on 64-row slabs, and
@@ -288,6 +288,7 @@ def _check_supported(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name}: row and column strides must be below {MAX_STRIDE}, got {tensor.stride()}")
 
 
+@launches_on_input_device
 def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
     """``y[t] = act(x[t] @ weight[t] + bias[t])`` with ``act`` = ``activation`` (``"none"`` or ``"relu"``).
 
@@ -313,6 +314,7 @@ def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
+@launches_on_input_device
 def stacked_linear_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,

@@ -22,6 +22,7 @@ from ._common import (
     DOT_PRECISION,
     LOSS_BACKWARD_TILE,
     LOSS_FORWARD_TILE,
+    launches_on_input_device,
     load_class_weights,
     load_embedding_chunk,
     randn_contract,
@@ -93,6 +94,7 @@ def _denoising_loss_forward_kernel(
     tl.atomic_add(loss_ptr, tl.sum(weighted_error, axis=0) / batch, sem="relaxed")
 
 
+@launches_on_input_device
 def denoising_loss_forward(
     logits: torch.Tensor,
     W: torch.Tensor,
@@ -201,6 +203,7 @@ def _denoising_loss_backward_kernel(
         )
 
 
+@launches_on_input_device
 def denoising_loss_backward(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,

@@ -11,7 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, class_block, example_tiling, randn_contract, store_or_accumulate
+from ._common import (
+    DOT_PRECISION,
+    class_block,
+    example_tiling,
+    launches_on_input_device,
+    randn_contract,
+    store_or_accumulate,
+)
 
 NORMAL_BLOCK = 1024  # elements per program of the element-wise kernels (8 per thread with 4 warps)
 
@@ -23,6 +30,7 @@ def _normal_kernel(out_ptr, seed_ptr, numel, offset, BLOCK: tl.constexpr):
     tl.store(out_ptr + index, randn_contract(seed, offset + index), mask=index < numel)
 
 
+@launches_on_input_device
 def normal(seed: torch.Tensor, shape: tuple[int, ...], offset: int) -> torch.Tensor:
     """Standard normals of the noise contract: ``out.flatten()[k] = randn_contract(seed, offset + k)``.
 
@@ -65,6 +73,7 @@ def _noised_latents_forward_kernel(
     tl.store(z_ptr + index, (a * signal + b * eps).to(z_ptr.dtype.element_ty), mask=mask)
 
 
+@launches_on_input_device
 def noised_latents_forward(
     W: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seed: torch.Tensor
 ) -> torch.Tensor:
@@ -141,6 +150,7 @@ def _noised_latents_backward_kernel(
             tl.atomic_add(gW_ptr + labels[:, None] * dim + cols[None, :], weighted_grad, mask=mask, sem="relaxed")
 
 
+@launches_on_input_device
 def noised_latents_backward(
     grad_z: torch.Tensor,
     W: torch.Tensor,

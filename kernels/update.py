@@ -6,7 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, LATENT_UPDATE_TILE, load_class_weights, load_embedding_chunk, randn_contract, row_tiling
+from ._common import (
+    DOT_PRECISION,
+    LATENT_UPDATE_TILE,
+    launches_on_input_device,
+    load_class_weights,
+    load_embedding_chunk,
+    randn_contract,
+    row_tiling,
+)
 
 
 @triton.jit
@@ -41,6 +49,7 @@ def _latent_update_kernel(
             tl.store(z_new_ptr + index, z_new.to(z_new_ptr.dtype.element_ty), mask=mask)
 
 
+@launches_on_input_device
 def latent_update(
     logits: torch.Tensor,
     W: torch.Tensor,
