@@ -27,6 +27,7 @@ subprocess of its own and reports that process's maximum resident set size.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import pathlib
@@ -135,6 +136,11 @@ def _peak_memory_mb(device: torch.device, baseline_bytes: int) -> float:
 
 def run_training_case(name: str, device: torch.device, T: int, width: float, batch_size: int, warmup: int, steps: int) -> dict:
     """Time one training case; see the module docstring for what is measured."""
+    # the previous case's model, optimizer and graph pool sit in reference cycles (a step object
+    # holds its own bound methods): free them now, or the baseline holds memory that is freed mid-case
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     batches = _batches(device, batch_size)
     _synchronize(device)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

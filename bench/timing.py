@@ -4,7 +4,7 @@
   timed; warm-up runs for ``warmup_s`` (at least one call); a batch holds enough calls to last
   ``sample_s``; each sample is batch time / calls. Samples are taken until ``max_samples``, or
   until ``budget_s`` has passed once ``min_samples`` are in.
-* CUDA (:func:`time_cuda`): ``triton.testing.do_bench`` with ``return_mode="all"``: CUDA events
+* CUDA (:func:`time_cuda`): ``triton.testing.do_bench`` with its 20/50/80% quantiles: CUDA events
   around each call, the L2 cache flushed before each, after an untimed first call and a warm-up.
   The repetition time is stretched so that at least ``min_samples`` calls are timed. Host
   launch overhead counts where the host cannot stay ahead of the device, as it would in use.
@@ -91,8 +91,10 @@ def time_cuda(fn: Callable[[], object], config: TimingConfig) -> Timing:
     estimate_ms = start.elapsed_time(end)
     rep_ms = max(config.rep_ms, 1.5 * config.min_samples * estimate_ms)
     warmup_ms = max(config.warmup_ms, 2 * estimate_ms)
-    times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-    return summarize(list(times), 1)
+    # quantiles rather than return_mode="all", which Triton 3.1 (torch 2.5) does not have
+    p20, median, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    samples = max(1, int(rep_ms / max(estimate_ms, 1e-3)))  # do_bench's repetitions, as it estimates them
+    return Timing(float(median), float(p20), float(p80), samples, 1)
 
 
 def time_callable(fn: Callable[[], object], device: torch.device, config: TimingConfig) -> Timing:
