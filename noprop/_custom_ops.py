@@ -20,9 +20,10 @@ has a Triton implementation only and no backend argument: :mod:`noprop.kernels.b
 ``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2``, the per-row error the forward saves so
 the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
 ``T * B * D`` is saved for the backward: the noise is regenerated from the seed.
-"""
 
-from __future__ import annotations
+The annotations stay real objects (no ``from __future__ import annotations``): ``custom_op``
+infers each schema from them, and torch releases before 2.5 cannot read string annotations.
+"""
 
 from types import ModuleType
 from typing import List, Optional
