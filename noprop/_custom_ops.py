@@ -22,7 +22,7 @@ the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothi
 ``T * B * D`` is saved for the backward: the noise is regenerated from the seed.
 
 The annotations stay real objects (no ``from __future__ import annotations``): ``custom_op``
-infers each schema from them, and torch releases before 2.5 cannot read string annotations.
+infers each schema from them, and older torch releases (2.4) may not resolve string annotations.
 """
 
 from types import ModuleType
