@@ -122,7 +122,8 @@ def denoising_loss_forward(
     T, B, C = logits.shape
     D = W.shape[1]
     num_rows = T * B
-    loss = torch.zeros((), dtype=torch.float32, device=logits.device)  # the programs add to it
+    # the programs add to it; with B = 0 the sum over no examples divided by B is NaN (0 / 0)
+    loss = torch.full((), float("nan") if B == 0 else 0.0, dtype=torch.float32, device=logits.device)
     row_sq_error = torch.empty((T, B), dtype=torch.float32, device=logits.device)
     if num_rows:
         tiling = row_tiling(num_rows, C, D, LOSS_FORWARD_TILE)

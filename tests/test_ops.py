@@ -172,6 +172,20 @@ def test_denoising_loss_matches_reference(backend, T, B, C, D, readout, noisy, p
         assert_close(actual, expected, msg=label)
 
 
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("T,B", [(0, 4), (3, 0)])
+def test_denoising_loss_over_no_rows(backend, T, B):
+    """``sum_{t,i} w ||.||^2 / B`` with no rows: 0 when T = 0, NaN (0 / 0) when B = 0, like a mean
+    over nothing; on the CPU and, where there is one, on the GPU (the kernels launch nothing)."""
+    devices = ops.available_backends()[backend].devices
+    if not devices:
+        pytest.skip(f"backend {backend!r} cannot run here: {ops.available_backends()[backend].reason}")
+    W, y, _, _, logits, _ = _inputs(T, B, 5, 6, per_example=True)
+    for device in devices:
+        loss = ops.denoising_loss(logits.to(device), W.to(device), y.to(device), torch.rand(T, B, device=device), backend=backend)
+        assert loss.shape == () and (torch.isnan(loss).item() if B == 0 else loss.item() == 0.0), f"{device}: {loss}"
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_denoising_loss_logits_only_gradient(backend):
     """One-hot embedding: ``W`` is a constant and only the logits get a gradient."""
