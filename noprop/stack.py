@@ -335,15 +335,7 @@ class BlockList(nn.Module):
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None) -> torch.Tensor:
-        """Every block's logits at once: ``logits[j] = block_t(x, z[j])`` for ``t = blocks[j]``.
-
-        Args:
-            x: images ``[B, C_in, H, W]``, shared by all blocks.
-            z: one noised latent per block, ``[k, B, D]`` with ``k = len(blocks)``.
-            blocks: a range of consecutive block indices (default all T).
-        Returns:
-            ``[k, B, num_classes]``.
-        """
+        """:meth:`BlockStack.forward`'s contract (``[k, B, num_classes]``), one block after another."""
         blocks = check_block_inputs(blocks, self.T, z)
         return torch.stack([self.blocks[t](x, z[j]) for j, t in enumerate(blocks)])
 
