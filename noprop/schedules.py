@@ -3,6 +3,13 @@
 Orientation (paper): ``alpha_bar`` *increases* with time. ``t = 0`` is (nearly) pure noise and
 ``t = T`` (DT) or ``t = 1`` (CT) is (nearly) the clean label embedding, so block ``t`` denoises
 ``z_{t-1}`` towards ``u_y``.
+
+:func:`posterior_coefficients` holds Eq. 3's ``a, b, c`` (the Gaussian posterior of the next
+latent given the current one and ``u_y``) for both DT's inference and CT's ancestral sampler.
+The learnable schedule keeps ``gamma_0 < gamma_1`` by construction (``gamma_1 = gamma_0 + span``
+with a positive ``span``), so ``alpha_bar`` increases and ``SNR'(t) >= 0`` for any parameter
+values: crossed endpoints would make the loss weight ``SNR'(t)`` negative and the loss unbounded
+below.
 """
 
 from __future__ import annotations
@@ -17,6 +24,34 @@ from noprop.validation import check_positive_int
 
 COSINE_OFFSET = 0.008
 MAX_ALPHA_BAR = 0.999
+MIN_GAMMA_SPAN = 1e-3
+
+
+def posterior_coefficients(
+    alpha_bar_prev: torch.Tensor, alpha_bar_next: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 3's coefficients of one step from ``alpha_bar_prev`` to the cleaner ``alpha_bar_next``.
+
+    With ``alpha = alpha_bar_prev / alpha_bar_next``:
+    ``a = sqrt(alpha_bar_next) (1 - alpha) / (1 - alpha_bar_prev)``,
+    ``b = sqrt(alpha) (1 - alpha_bar_next) / (1 - alpha_bar_prev)``,
+    ``c = (1 - alpha_bar_next) (1 - alpha) / (1 - alpha_bar_prev)``,
+    so that ``z_next = a u + b z_prev + sqrt(c) eps`` draws from ``q(z_next | z_prev, u)`` when
+    ``z_prev ~ N(sqrt(alpha_bar_prev) u, (1 - alpha_bar_prev) I)``; in particular
+    ``z_next ~ N(sqrt(alpha_bar_next) u, (1 - alpha_bar_next) I)``.
+
+    Args:
+        alpha_bar_prev, alpha_bar_next: broadcastable tensors with
+            ``0 < alpha_bar_prev <= alpha_bar_next < 1``.
+
+    Returns:
+        ``(a, b, c)``, broadcast to the common shape (``c >= 0`` when ``alpha_bar`` does not decrease).
+    """
+    alpha = alpha_bar_prev / alpha_bar_next
+    a = alpha_bar_next.sqrt() * (1 - alpha) / (1 - alpha_bar_prev)
+    b = alpha.sqrt() * (1 - alpha_bar_next) / (1 - alpha_bar_prev)
+    c = (1 - alpha_bar_next) * (1 - alpha) / (1 - alpha_bar_prev)
+    return a, b, c
 
 
 class CosineSchedule:
@@ -32,8 +67,8 @@ class CosineSchedule:
         alpha_bar ``[T+1]``: increasing.
         snr ``[T+1]``: ``alpha_bar / (1 - alpha_bar)``.
         snr_delta ``[T]``: ``SNR(t) - SNR(t-1)``.
-        alpha ``[T]``: ``alpha_{t-1} = alpha_bar_{t-1} / alpha_bar_t``.
-        a, b, c ``[T]``: Eq. 3's coefficients,
+        a, b, c ``[T]``: Eq. 3's coefficients of step ``t`` (:func:`posterior_coefficients` of
+            ``alpha_bar_{t-1}, alpha_bar_t``), with ``alpha_{t-1} = alpha_bar_{t-1} / alpha_bar_t``:
             ``a_t = sqrt(alpha_bar_t) (1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})``,
             ``b_t = sqrt(alpha_{t-1}) (1 - alpha_bar_t) / (1 - alpha_bar_{t-1})``,
             ``c_t = (1 - alpha_bar_t) (1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})``.
@@ -54,11 +89,7 @@ class CosineSchedule:
         self.alpha_bar = torch.clamp(f(tau) / f(0.0), max=max_alpha_bar)
         self.snr = self.alpha_bar / (1 - self.alpha_bar)
         self.snr_delta = self.snr[1:] - self.snr[:-1]
-        prev, cur = self.alpha_bar[:-1], self.alpha_bar[1:]
-        self.alpha = prev / cur
-        self.a = cur.sqrt() * (1 - self.alpha) / (1 - prev)
-        self.b = self.alpha.sqrt() * (1 - cur) / (1 - prev)
-        self.c = (1 - cur) * (1 - self.alpha) / (1 - prev)
+        self.a, self.b, self.c = posterior_coefficients(self.alpha_bar[:-1], self.alpha_bar[1:])
 
     def loss_weights(self, eta: float) -> torch.Tensor:
         """Per-block L2 weights ``(T * eta / 2) * (SNR(t) - SNR(t-1))``, float64 ``[T]``."""
@@ -78,8 +109,14 @@ class LearnableSchedule(nn.Module):
     free parameters): a two-layer network with positive weights, increasing in ``t``. So
     ``gamma(0) = gamma_1`` and ``gamma(1) = gamma_0``; ``gamma_0``, ``gamma_1`` and the network
     are trained. ``SNR(t) = exp(-gamma(t))`` and its derivative is exact:
-    ``SNR'(t) = (gamma_1 - gamma_0) * gbar'(t) * exp(-gamma(t))``. Keep ``gamma_0 < gamma_1`` at
-    initialisation for the paper's orientation; training moves both freely.
+    ``SNR'(t) = (gamma_1 - gamma_0) * gbar'(t) * exp(-gamma(t))``.
+
+    The endpoints are ordered by construction: the parameters are ``gamma_0`` itself and
+    ``raw_span``, and ``gamma_1 = gamma_0 + MIN_GAMMA_SPAN + softplus(raw_span)``. So for any
+    parameter values ``gamma_1 - gamma_0 >= MIN_GAMMA_SPAN = 1e-3`` (the floor keeps the inequality
+    strict in float32, where ``softplus(-80) ~ 2e-35`` would vanish next to ``gamma_0``, as long as
+    ``|gamma_0| < 2^15``), ``alpha_bar`` increases and ``SNR'(t) >= 0``. Unconstrained endpoints
+    could cross in training, turning the loss weight negative and the loss unbounded below.
 
     The initial range ``gamma_0 = -3, gamma_1 = 3`` (``alpha_bar`` from 0.047 to 0.953) is a
     choice of this library: the loss weight ``SNR'(t)`` grows like ``exp(-gamma(t))``, so a wider
@@ -96,15 +133,29 @@ class LearnableSchedule(nn.Module):
     def __init__(self, hidden: int = 64, gamma_0: float = -3.0, gamma_1: float = 3.0):
         super().__init__()
         check_positive_int("hidden", hidden)
-        if not gamma_0 < gamma_1:
-            raise ValueError(f"gamma_0, gamma_1: expected gamma_0 < gamma_1 (alpha_bar increasing), got {gamma_0}, {gamma_1}")
+        if not gamma_1 - gamma_0 > MIN_GAMMA_SPAN:
+            raise ValueError(
+                f"gamma_0, gamma_1: expected gamma_1 - gamma_0 > {MIN_GAMMA_SPAN} (alpha_bar increasing), got {gamma_0}, {gamma_1}"
+            )
         self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_0)))
-        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_1)))
+        # softplus^-1(s) = log(expm1(s)) = s + log(-expm1(-s)) (no overflow): gamma_1 starts at the requested value
+        span = gamma_1 - gamma_0 - MIN_GAMMA_SPAN
+        self.raw_span = nn.Parameter(torch.tensor(span + math.log(-math.expm1(-span))))
         generator = torch.Generator().manual_seed(0)
         self.raw_linear = nn.Parameter(torch.tensor(0.0))
         self.raw_in = nn.Parameter(torch.randn(hidden, generator=generator))
         self.bias_in = nn.Parameter(torch.randn(hidden, generator=generator))
         self.raw_out = nn.Parameter(torch.randn(hidden, generator=generator) - 2.0)
+
+    @property
+    def span(self) -> torch.Tensor:
+        """``gamma_1 - gamma_0 = MIN_GAMMA_SPAN + softplus(raw_span) > 0``, a 0-dim tensor."""
+        return MIN_GAMMA_SPAN + F.softplus(self.raw_span)
+
+    @property
+    def gamma_1(self) -> torch.Tensor:
+        """``gamma(0) = gamma_0 + span > gamma_0``, a 0-dim tensor (``alpha_bar(0) = sigmoid(-gamma_1)``)."""
+        return self.gamma_0 + self.span
 
     def _g_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``g(t)`` and ``g'(t)`` of the unnormalised monotone network, shaped like ``t``."""
@@ -127,8 +178,7 @@ class LearnableSchedule(nn.Module):
     def gamma_and_rate(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``gamma(t)`` and ``k(t) = -gamma'(t) = (gamma_1 - gamma_0) gbar'(t)``, shaped like ``t``."""
         gbar, gbar_slope = self.gbar(t)
-        span = self.gamma_1 - self.gamma_0
-        return self.gamma_0 + span * (1 - gbar), span * gbar_slope
+        return self.gamma_0 + self.span * (1 - gbar), self.span * gbar_slope
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
         """``gamma(t) = gamma_0 + (gamma_1 - gamma_0) (1 - gbar(t))``, shaped like ``t``."""

@@ -149,13 +149,27 @@ def inference_kwargs(config: TrainConfig) -> dict:
 def build_optimizer(model: NoPropModel, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW for DT and the baseline, Adam for CT and FM (the paper's): one optimizer for all parameters.
 
+    Two parameter groups: every parameter gets ``config.weight_decay`` (blocks, embedding and
+    classifier: the paper's setting) except the learnable noise schedule's (``noise_schedule.*``,
+    CT), which get none. Weight decay pulls parameters towards 0, and for the schedule that is no
+    regulariser but a bias on the schedule itself: Adam's L2 term pulls ``gamma_0`` towards 0 and
+    ``raw_span`` towards 0 (``gamma_1 - gamma_0`` towards ``softplus(0) = 0.69``), i.e. both ends
+    of ``alpha_bar`` towards 1/2, and reshapes the monotone network, against what the objective
+    asks for.
+
     On a GPU the fused implementation (one kernel for every parameter), capturable when the step
     is captured in a CUDA graph; on the CPU the foreach implementation.
     """
     optimizer_class = torch.optim.AdamW if model.method in ("dt", "backprop") else torch.optim.Adam
     on_cuda = next(model.parameters()).device.type == "cuda"
     implementation = dict(fused=True, capturable=config.cuda_graphs) if on_cuda else dict(foreach=True)
-    return optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **implementation)
+    decayed, schedule = [], []
+    for name, parameter in model.named_parameters():
+        (schedule if name.startswith("noise_schedule.") else decayed).append(parameter)
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}]
+    if schedule:
+        groups.append({"params": schedule, "weight_decay": 0.0})
+    return optimizer_class(groups, lr=config.lr, **implementation)
 
 
 @torch.no_grad()
