@@ -1,20 +1,38 @@
-"""The paper's blocks: each maps an image ``x`` and a noisy label embedding ``z`` to class logits.
+"""The paper's blocks (Figure 6): each maps an image ``x`` and a noisy label embedding ``z`` to class logits.
 
 A block's output is turned into the predicted embedding ``u_hat = softmax(logits) @ W_embed``
 (DT, CT) or the velocity ``v = logits @ W_embed`` (FM) by the fused ops, not by the block.
 
-DT block (``DTBlock``)::
+Conv path (:class:`ConvPath`, shared by every block), for an input ``C x H x W``::
 
-    x -> [conv3x3(c1) maxpool2 relu dropout] -> [conv3x3(c2) ...] -> [conv3x3(c3) ...]
-      -> flatten -> fc(hidden) -> BN -> relu                                    = image features
-    z -> fc(hidden) -> BN -> relu = h;  relu(BN(fc(hidden)(h)) + h)             = label features
-    concat(image, label) -> fc(f1) -> BN -> relu -> fc(f2) -> BN -> relu -> fc(C) = logits
+    conv3x3(32, pad 1) -> ReLU -> maxpool2 -> dropout
+    -> conv3x3(64, pad 1) -> ReLU -> dropout
+    -> conv3x3(128, pad 1) -> ReLU -> maxpool2 -> dropout
+    -> flatten (128 * H/4 * W/4: 6272 on MNIST, 8192 on CIFAR) -> FC(256) -> BN (DT) | ReLU (CT/FM)
 
-CT/FM block (``TimeBlock``): the same without BatchNorm, plus a 64-dim sinusoidal embedding of
-``t`` through ``fc(64) -> relu``, concatenated with the image and label features.
+DT block (:class:`DTBlock`, Figure 6 left)::
 
-Default widths are the paper's: ``c = (32, 64, 128)``, ``hidden = 256``, ``f = (256, 128)``,
-dropout 0.2. ``BlockConfig.scaled(w)`` multiplies every width by ``w`` (tests use 0.25).
+    image = conv path ending in BN
+    label = h + BN(FC(ReLU(BN(FC(h)))))   with h = ReLU(BN(FC(z)))        (:class:`ResidualLabelPath`)
+    logits = FC(C)(ReLU(BN(FC128(ReLU(BN(FC256(concat(image, label)))))))
+
+CT/FM block (:class:`TimeBlock`, Figure 6 right), no BatchNorm anywhere::
+
+    image = conv path ending in ReLU
+    label = ReLU(FC256(z));  time = ReLU(FC256(sinusoidal_64(t)))
+    logits = FC(C)(ReLU(FC128(ReLU(FC256(concat(image, label, time))))))
+
+With the prototype embedding (``z`` has the image's size ``C * H * W``) the label path is its own
+conv path of the image path's shape (separate weights) applied to ``z`` reshaped to ``C x H x W``.
+
+Default widths are the paper's: convs ``(32, 64, 128)``, ``hidden = 256``, fusion ``(256, 128)``,
+dropout 0.2, a 64-dim time embedding. ``BlockConfig.scaled(w)`` multiplies every layer width by
+``w`` (the learning tests use 0.25); the time embedding stays 64-dim. One DT block on MNIST with
+the one-hot embedding has 2,001,290 parameters, as in the paper.
+
+Implementation note: each conv stage runs ``maxpool`` before ``ReLU``. The two commute exactly
+(ReLU is monotone, so ``max(relu(a)) == relu(max(a))``, gradients included), and ReLU on the
+pooled map does a quarter of the work.
 """
 
 from __future__ import annotations
@@ -28,12 +46,20 @@ import torch.nn.functional as F
 
 from noprop.validation import check_positive_int
 
-POOLINGS = 3  # three conv stages, each halving the spatial size
+POOLED_STAGES = (True, False, True)  # which of the three conv stages end in a 2x2 max-pool
 
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """Layer widths of a block (the paper's by default)."""
+    """Layer widths of a block (the paper's by default).
+
+    Attributes:
+        conv_channels: output channels of the three 3x3 convolutions.
+        hidden: width of the image, label and time features (FC(256) in Figure 6).
+        fusion: widths of the two fusion layers before the class logits.
+        dropout: dropout probability after every conv stage.
+        time_dim: size of the sinusoidal time embedding (CT/FM).
+    """
 
     conv_channels: tuple[int, int, int] = (32, 64, 128)
     hidden: int = 256
@@ -44,8 +70,8 @@ class BlockConfig:
     @classmethod
     def scaled(cls, width: float, **overrides) -> "BlockConfig":
         """The paper's widths times ``width`` (at least 1 unit each); other fields from ``overrides``."""
-        if not width > 0:
-            raise ValueError(f"width: expected a positive multiplier, got {width}")
+        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+            raise ValueError(f"width: expected a finite positive multiplier, got {width!r}")
         base = cls()
 
         def scale(n: int) -> int:
@@ -61,13 +87,27 @@ class BlockConfig:
 
 
 def feature_map_size(image_size: int) -> int:
-    """Spatial size after the three 2x2 max-pools: ``image_size // 8`` (floor at each stage)."""
+    """Spatial size after the conv path's two 2x2 max-pools: ``image_size // 4`` (floor at each pool)."""
     size = image_size
-    for _ in range(POOLINGS):
-        size //= 2
+    for pooled in POOLED_STAGES:
+        size = size // 2 if pooled else size
     if size < 1:
-        raise ValueError(f"image_size: expected at least {2**POOLINGS} pixels per side, got {image_size}")
+        raise ValueError(f"image_size: expected at least {2 ** sum(POOLED_STAGES)} pixels per side, got {image_size}")
     return size
+
+
+def flat_features(config: BlockConfig, image_size: int) -> int:
+    """Length of the flattened conv output: ``conv_channels[-1] * (image_size // 4) ** 2`` (6272 on MNIST)."""
+    return config.conv_channels[-1] * feature_map_size(image_size) ** 2
+
+
+def conv_stage_tail(conv_output: torch.Tensor, pooled: bool, dropout: float, training: bool) -> torch.Tensor:
+    """The tail of a conv stage: ``dropout(relu(maxpool2(conv_output)))``, or ``dropout(relu(conv_output))``.
+
+    ``conv_output [B, channels, H, W] -> [B, channels, H // 2, W // 2]`` (pooled) or the same shape.
+    """
+    h = F.max_pool2d(conv_output, 2) if pooled else conv_output
+    return F.dropout(F.relu(h), dropout, training)
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,8 +121,12 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
-class ImageEncoder(nn.Module):
-    """Three conv stages and a fully connected layer: ``x [B, C_in, H, W] -> [B, hidden]``."""
+class ConvPath(nn.Module):
+    """Three conv stages, flatten, ``FC(hidden)``, then BN (DT) or ReLU (CT/FM).
+
+    ``x [B, C_in, H, W] -> [B, hidden]``. The image path of every block, and the label path of
+    a block with the prototype embedding (applied to ``z`` reshaped to an image).
+    """
 
     def __init__(self, in_channels: int, image_size: int, config: BlockConfig, batch_norm: bool):
         super().__init__()
@@ -90,79 +134,151 @@ class ImageEncoder(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
-        self.dropout = nn.Dropout(config.dropout)
-        self.fc = nn.Linear(c3 * feature_map_size(image_size) ** 2, config.hidden)
-        self.bn = nn.BatchNorm1d(config.hidden) if batch_norm else nn.Identity()
+        self.fc = nn.Linear(flat_features(config, image_size), config.hidden)
+        self.bn = nn.BatchNorm1d(config.hidden) if batch_norm else None
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in (self.conv1, self.conv2, self.conv3):
-            # relu(maxpool(.)) == maxpool(relu(.)) (relu is monotone); on the pooled map it is 4x cheaper
-            x = self.dropout(F.relu(F.max_pool2d(conv(x), 2)))
-        return F.relu(self.bn(self.fc(x.flatten(1))))
+        for conv, pooled in zip((self.conv1, self.conv2, self.conv3), POOLED_STAGES):
+            x = conv_stage_tail(conv(x), pooled, self.dropout, self.training)
+        h = self.fc(x.flatten(1))
+        return self.bn(h) if self.bn is not None else F.relu(h)
+
+
+class ResidualLabelPath(nn.Module):
+    """DT's label path: ``h = ReLU(BN(FC(z)))``, ``label = h + BN(FC(ReLU(BN(FC(h)))))``; ``[B, D] -> [B, hidden]``."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.bn3 = nn.BatchNorm1d(hidden)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.fc1(z)))
+        return h + self.bn3(self.fc3(F.relu(self.bn2(self.fc2(h)))))
+
+
+class DTFusion(nn.Module):
+    """DT's fusion layers: ``FC(f1) -> BN -> ReLU -> FC(f2) -> BN -> ReLU -> FC(C)``; ``[B, 2 hidden] -> [B, C]``."""
+
+    def __init__(self, hidden: int, fusion: tuple[int, int], num_classes: int):
+        super().__init__()
+        f1, f2 = fusion
+        self.fc1 = nn.Linear(2 * hidden, f1)
+        self.bn1 = nn.BatchNorm1d(f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.bn2 = nn.BatchNorm1d(f2)
+        self.out = nn.Linear(f2, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.fc1(h)))
+        return self.out(F.relu(self.bn2(self.fc2(h))))
+
+
+def check_block_arguments(num_classes: int, in_channels: int, image_size: int, embed_dim: int, prototype: bool) -> None:
+    """Raise ``ValueError`` naming the argument if a block cannot be built from these sizes."""
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim)):
+        check_positive_int(name, value)
+    feature_map_size(check_positive_int("image_size", image_size))
+    if prototype and embed_dim != in_channels * image_size * image_size:
+        raise ValueError(
+            f"embed_dim: a prototype label path reads z as a {in_channels}x{image_size}x{image_size} image, "
+            f"so embed_dim must be {in_channels * image_size * image_size}, got {embed_dim}"
+        )
+
+
+def label_image(z: torch.Tensor, in_channels: int, image_size: int) -> torch.Tensor:
+    """A prototype-embedding latent ``z [..., C*H*W]`` viewed as images ``[..., C, H, W]``."""
+    return z.unflatten(-1, (in_channels, image_size, image_size))
 
 
 class DTBlock(nn.Module):
-    """One NoProp-DT block: ``(x [B, C_in, H, W], z [B, D]) -> logits [B, num_classes]``."""
+    """One NoProp-DT block (Figure 6 left): ``(x [B, C_in, H, W], z [B, D]) -> logits [B, num_classes]``.
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, embed_dim: int, config: BlockConfig = BlockConfig()):
+    Args:
+        num_classes, in_channels, image_size: the task.
+        embed_dim: ``D``, the label embedding's dimension.
+        config: layer widths.
+        prototype: the label path is a conv path reading ``z`` as an image (``D = C_in * H * W``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        embed_dim: int,
+        config: BlockConfig = BlockConfig(),
+        prototype: bool = False,
+    ):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim)):
-            check_positive_int(name, value)
+        check_block_arguments(num_classes, in_channels, image_size, embed_dim, prototype)
         self.config = config
-        self.dims = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim)
-        hidden, (f1, f2) = config.hidden, config.fusion
-        self.image = ImageEncoder(in_channels, image_size, config, batch_norm=True)
-        self.label_fc1 = nn.Linear(embed_dim, hidden)
-        self.label_bn1 = nn.BatchNorm1d(hidden)
-        self.label_fc2 = nn.Linear(hidden, hidden)
-        self.label_bn2 = nn.BatchNorm1d(hidden)
-        self.fuse_fc1 = nn.Linear(2 * hidden, f1)
-        self.fuse_bn1 = nn.BatchNorm1d(f1)
-        self.fuse_fc2 = nn.Linear(f1, f2)
-        self.fuse_bn2 = nn.BatchNorm1d(f2)
-        self.out = nn.Linear(f2, num_classes)
+        self.dims = dict(
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
+        )
+        self.image = ConvPath(in_channels, image_size, config, batch_norm=True)
+        self.label = ConvPath(in_channels, image_size, config, batch_norm=True) if prototype else ResidualLabelPath(embed_dim, config.hidden)
+        self.fusion = DTFusion(config.hidden, config.fusion, num_classes)
 
     def label_features(self, z: torch.Tensor) -> torch.Tensor:
-        """The label path with its skip connection: ``z [B, D] -> [B, hidden]``."""
-        h = F.relu(self.label_bn1(self.label_fc1(z)))
-        return F.relu(self.label_bn2(self.label_fc2(h)) + h)
+        """The label path: ``z [B, D] -> [B, hidden]``."""
+        if self.dims["prototype"]:
+            z = label_image(z, self.dims["in_channels"], self.dims["image_size"])
+        return self.label(z)
 
     def head(self, image_features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Logits from precomputed image features ``[B, hidden]`` and ``z [B, D]``."""
-        h = torch.cat([image_features, self.label_features(z)], dim=-1)
-        h = F.relu(self.fuse_bn1(self.fuse_fc1(h)))
-        h = F.relu(self.fuse_bn2(self.fuse_fc2(h)))
-        return self.out(h)
+        """Logits ``[B, num_classes]`` from precomputed image features ``[B, hidden]`` and ``z [B, D]``."""
+        return self.fusion(torch.cat([image_features, self.label_features(z)], dim=-1))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.head(self.image(x), z)
 
 
 class TimeBlock(nn.Module):
-    """The CT/FM block: ``(x, z [B, D], t [B]) -> logits [B, num_classes]``, no BatchNorm."""
+    """The CT/FM block (Figure 6 right): ``(x, z [B, D], t [B]) -> logits [B, num_classes]``, no BatchNorm.
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, embed_dim: int, config: BlockConfig = BlockConfig()):
+    Args: as :class:`DTBlock`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        embed_dim: int,
+        config: BlockConfig = BlockConfig(),
+        prototype: bool = False,
+    ):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim)):
-            check_positive_int(name, value)
+        check_block_arguments(num_classes, in_channels, image_size, embed_dim, prototype)
         self.config = config
-        hidden, (f1, f2), time_dim = config.hidden, config.fusion, config.time_dim
-        self.image = ImageEncoder(in_channels, image_size, config, batch_norm=False)
-        self.label_fc1 = nn.Linear(embed_dim, hidden)
-        self.label_fc2 = nn.Linear(hidden, hidden)
-        self.time_fc = nn.Linear(time_dim, time_dim)
-        self.fuse_fc1 = nn.Linear(2 * hidden + time_dim, f1)
+        self.dims = dict(
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
+        )
+        hidden, (f1, f2) = config.hidden, config.fusion
+        self.image = ConvPath(in_channels, image_size, config, batch_norm=False)
+        self.label = ConvPath(in_channels, image_size, config, batch_norm=False) if prototype else nn.Linear(embed_dim, hidden)
+        self.time = nn.Linear(config.time_dim, hidden)
+        self.fuse_fc1 = nn.Linear(3 * hidden, f1)
         self.fuse_fc2 = nn.Linear(f1, f2)
         self.out = nn.Linear(f2, num_classes)
 
+    def label_features(self, z: torch.Tensor) -> torch.Tensor:
+        """The label path: ``ReLU(FC(z))``, or the conv path on ``z`` as an image; ``[B, D] -> [B, hidden]``."""
+        if self.dims["prototype"]:
+            return self.label(label_image(z, self.dims["in_channels"], self.dims["image_size"]))
+        return F.relu(self.label(z))
+
     def head(self, image_features: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Logits from precomputed image features, ``z [B, D]`` and times ``t [B]``."""
-        h = F.relu(self.label_fc1(z))
-        label = F.relu(self.label_fc2(h) + h)
-        time = F.relu(self.time_fc(sinusoidal_time_embedding(t, self.config.time_dim)))
-        h = F.relu(self.fuse_fc1(torch.cat([image_features, label, time], dim=-1)))
-        h = F.relu(self.fuse_fc2(h))
-        return self.out(h)
+        """Logits from precomputed image features ``[B, hidden]``, ``z [B, D]`` and times ``t [B]``."""
+        time = F.relu(self.time(sinusoidal_time_embedding(t, self.config.time_dim)))
+        h = F.relu(self.fuse_fc1(torch.cat([image_features, self.label_features(z), time], dim=-1)))
+        return self.out(F.relu(self.fuse_fc2(h)))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.head(self.image(x), z, t)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import disable_dropout
 from noprop import NoPropDT
 from noprop.blocks import BlockConfig, DTBlock
 from noprop.stack import BlockList, BlockStack
@@ -26,13 +27,15 @@ def assert_grads_close(actual: DTBlock, expected: DTBlock, label: str) -> None:
 CONFIG = BlockConfig.scaled(0.125, dropout=0.0)  # dropout off: masks cannot match between layouts
 
 
-def _blocks(T=4, size=28, channels=1, classes=10, dim=10, seed=0):
+def _blocks(T=4, size=28, channels=1, classes=10, dim=10, seed=0, prototype=False):
     torch.manual_seed(seed)
-    return [DTBlock(classes, channels, size, dim, CONFIG) for _ in range(T)]
+    dim = channels * size * size if prototype else dim
+    return [DTBlock(classes, channels, size, dim, CONFIG, prototype=prototype) for _ in range(T)]
 
 
-def _inputs(T=4, B=6, size=28, channels=1, dim=10, seed=1):
+def _inputs(T=4, B=6, size=28, channels=1, dim=10, seed=1, prototype=False):
     g = torch.Generator().manual_seed(seed)
+    dim = channels * size * size if prototype else dim
     return torch.randn(B, channels, size, size, generator=g), torch.randn(T, B, dim, generator=g)
 
 
@@ -55,12 +58,12 @@ def test_round_trip_is_exact():
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (8, 1)])
-def test_forward_and_gradients_match_a_loop_of_blocks(size, channels):
+@pytest.mark.parametrize("size,channels,prototype", [(28, 1, False), (32, 3, False), (9, 1, False), (12, 3, True)])
+def test_forward_and_gradients_match_a_loop_of_blocks(size, channels, prototype):
     T, B = 4, 6
-    blocks = _blocks(T, size, channels)
+    blocks = _blocks(T, size, channels, prototype=prototype)
     stack = BlockStack.from_blocks(blocks)
-    x, z = _inputs(T, B, size, channels)
+    x, z = _inputs(T, B, size, channels, prototype=prototype)
     upstream = torch.randn(T, B, 10, generator=torch.Generator().manual_seed(9))
 
     looped = BlockList(blocks)(x, z)
@@ -72,7 +75,8 @@ def test_forward_and_gradients_match_a_loop_of_blocks(size, channels):
     for t, (block, grads) in enumerate(zip(blocks, _as_block_grads(stack))):
         assert_grads_close(grads, block, f"block {t}")
     for t, (block, restored) in enumerate(zip(blocks, stack.to_blocks())):  # BatchNorm running statistics
-        for name in ("image.bn.running_mean", "label_bn2.running_var", "fuse_bn1.running_mean"):
+        label_norm = "label.bn.running_var" if prototype else "label.bn2.running_var"
+        for name in ("image.bn.running_mean", label_norm, "fusion.bn1.running_mean"):
             torch.testing.assert_close(restored.state_dict()[name], block.state_dict()[name], **TOLERANCE)
 
 
@@ -117,9 +121,8 @@ def test_training_steps_give_the_same_parameters_both_ways():
     stacked = NoPropDT(10, 1, 28, T=3, embedding="learned", width=0.125)
     looped = copy.deepcopy(stacked)
     looped.blocks = BlockList(stacked.blocks.to_blocks())
-    for module in [*stacked.modules(), *looped.modules()]:  # dropout masks cannot match between layouts
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(stacked)
+    disable_dropout(looped)
     models = {"stack": stacked, "loop": looped}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3) for name, m in models.items()}
     g = torch.Generator().manual_seed(4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import fused_backend_or_skip
+from conftest import disable_dropout, fused_backend_or_skip
 from noprop import NoPropDT
 from noprop.bench.loops import SeedStyleLoop
 from noprop.step import TrainStep, restore_optimizer_state_, snapshot_optimizer_state
@@ -83,7 +83,7 @@ def test_block_chunks_compute_the_unchunked_gradients(chunk):
     grads, totals = {}, {}
     for k in (None, chunk):
         model = _dt(3)
-        model.blocks.dropout.p = 0.0
+        disable_dropout(model)
 
         def pinned(y, seed, blocks=None, classifier_latent=True):
             blocks = blocks or range(3)
