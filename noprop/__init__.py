@@ -1,24 +1,26 @@
 """noprop: NoProp training (Li, Teh, Pascanu 2025) with fused Triton and CUDA kernels.
 
-Models: :class:`NoPropDT`, :class:`NoPropCT`, :class:`NoPropFM` and the :class:`Backprop`
-baseline. Fused ops and their backends: :mod:`noprop.ops`. Training: :mod:`noprop.train` and the
+Models: :class:`NoPropDT`, :class:`NoPropCT`, :class:`NoPropFM` and the paper's baselines
+:class:`Backprop` (discrete time) and :class:`Adjoint` (a neural ODE). Fused ops and their backends: :mod:`noprop.ops`. Training: :mod:`noprop.train` and the
 ``noprop`` command line.
 """
 
 from noprop import ops
 from noprop.blocks import BlockConfig, DTBlock, TimeBlock
 from noprop.embeddings import LabelEmbedding
-from noprop.models import METHODS, Backprop, NoPropCT, NoPropDT, NoPropFM, NoPropModel, build_model
+from noprop.models import METHODS, Adjoint, Backprop, NoPropCT, NoPropDT, NoPropFM, NoPropModel, build_model
 from noprop.ops import available_backends
 from noprop.schedules import CosineSchedule, LearnableSchedule
-from noprop.stack import BlockList
+from noprop.stack import BlockList, BlockStack
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adjoint",
     "Backprop",
     "BlockConfig",
     "BlockList",
+    "BlockStack",
     "CosineSchedule",
     "DTBlock",
     "LabelEmbedding",

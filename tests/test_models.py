@@ -278,7 +278,7 @@ def test_model_loss_rejects_bad_input(cls, make, error, match):
     "build,match",
     [
         (lambda: NoPropDT(10, 1, 28, T=0), "T"),
-        (lambda: NoPropDT(10, 1, 4), "image_size"),
+        (lambda: NoPropDT(10, 1, 3), "image_size"),
         (lambda: NoPropDT(10, 1, 28, embedding="random"), "embedding"),
         (lambda: NoPropDT(10, 1, 28, embedding="onehot", embedding_dim=5), "embedding_dim"),
         (lambda: NoPropDT(10, 1, 28, backend="fast"), "backend"),
@@ -299,7 +299,7 @@ def test_predict_rejects_bad_steps_and_solver():
         NoPropFM(10, 1, 28, width=WIDTH).eval().predict(x, steps=2, solver="rk4")
 
 
-def test_prototype_embedding_is_the_class_medoid():
+def test_prototype_embedding_starts_from_class_images():
     model = NoPropDT(3, 1, 8, T=2, embedding="prototype", width=WIDTH)
     x, _ = _batch(B=9, size=8, classes=3)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -307,10 +307,9 @@ def test_prototype_embedding_is_the_class_medoid():
         model.loss(x, y)
     model.initialize_from_data(x, y)
     torch.testing.assert_close(model.classifier.weight, model.embedding.weight)  # re-synced to the medoids
-    for c in range(3):
+    for c in range(3):  # each row is one of its class's images (which one: tests/test_embeddings.py)
         members = x[y == c].flatten(1)
-        distances = torch.stack([(members - m).norm(dim=1).sum() for m in members])
-        torch.testing.assert_close(model.embedding.weight[c].detach(), members[distances.argmin()])
+        assert (members == model.embedding.weight[c].detach()).all(dim=1).any()
     assert model.embed_dim == 64
     model.loss(x, y).backward()
     assert model.embedding.weight.grad is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from noprop import ops
 from noprop.models.ode import TimeConditionedModel
@@ -14,8 +15,10 @@ class NoPropFM(TimeConditionedModel):
 
     Training: ``t ~ U(0, 1)``, ``z_0 ~ N(0, I)``, ``z_t = t u_y + (1 - t) z_0``; the block predicts
     the velocity ``v = block(x, z_t, t) @ W_embed`` (no softmax) and the loss is
-    ``E||v - (u_y - z_0)||^2``. With a trained embedding (learned, prototype) the anchor term
-    ``CE(-||z_t + (1 - t) v - W_c||^2, y)`` keeps the class embeddings apart.
+    ``E||v - (u_y - z_0)||^2``. With a trained embedding (learned, prototype) the anchor term of
+    Eq. 12-13, ``CE(theta_out(z~_1), y)`` with the one-step endpoint ``z~_1 = z_t + (1 - t) v``
+    and a linear classifier ``theta_out`` (:attr:`classifier`), keeps the class embeddings apart;
+    with the fixed one-hot embedding FM is pure flow matching and has no classifier.
     Inference integrates ``dz/dt = v`` from ``z_0 ~ N(0, I)`` to ``t = 1`` and predicts the class
     whose embedding is nearest to the final ``z``.
 
@@ -37,6 +40,9 @@ class NoPropFM(TimeConditionedModel):
         backend: str = "auto",
     ):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        if self.embedding.learnable:
+            self.classifier = nn.Linear(self.embed_dim, num_classes)  # theta_out of the anchor term
+            self.reset_classifier()
 
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> LossTerms:
         """The FM objective; ``parts["l2"]`` is the velocity loss (``[1]``)."""
@@ -57,7 +63,7 @@ class NoPropFM(TimeConditionedModel):
         total = l2
         if self.embedding.learnable:
             endpoint = z_t + (1 - t).unsqueeze(1) * (logits.float() @ W)
-            anchor = cross_entropy(nearest_embedding_logits(endpoint, W), y)
+            anchor = cross_entropy(self.classifier(endpoint), y)
             parts["anchor_ce"] = anchor.detach()
             total = total + anchor
         return LossTerms(total, parts)
