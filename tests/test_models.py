@@ -250,6 +250,33 @@ def test_fm_target_is_the_velocity_u_minus_z0():
     assert captured["t"].min() >= 0 and captured["t"].max() <= 1
 
 
+def test_fm_anchor_is_the_cross_entropy_of_a_linear_classifier_on_the_endpoint():
+    """Eq. 12-13: ``CE(theta_out(z_t + (1 - t) v), y)`` with a trained embedding; none with one-hot."""
+    torch.manual_seed(3)
+    model = NoPropFM(10, 1, 28, embedding="learned", width=WIDTH)
+    with torch.no_grad():
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+        model.classifier.bias.copy_(torch.randn(10))
+    x, y = _batch(B=7)
+    fixed_logits = torch.randn(7, 10)
+    captured = {}
+
+    class Recording(nn.Module):
+        def forward(self, x, z_t, t):
+            captured.update(z_t=z_t.detach(), t=t)
+            return fixed_logits
+
+    model.block = Recording()
+    terms = model.loss_terms(x, y)
+    z_t, t = captured["z_t"], captured["t"]
+    endpoint = z_t + (1 - t)[:, None] * (fixed_logits @ model.embedding.weight.detach())
+    expected = nn.functional.cross_entropy(endpoint @ model.classifier.weight.detach().T + model.classifier.bias.detach(), y)
+    torch.testing.assert_close(terms.parts["anchor_ce"], expected)
+    onehot = NoPropFM(10, 1, 28, width=WIDTH)
+    assert not hasattr(onehot, "classifier")
+    assert "anchor_ce" not in onehot.loss_terms(x, y).parts
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
