@@ -164,7 +164,7 @@ def run_training_case(name: str, device: torch.device, T: int, width: float, bat
 
 
 def run_inference_case(method: str, device: torch.device, T: int, width: float, batch_size: int, ode_steps: int, repeats: int) -> dict:
-    """Examples per second of ``predict`` (DT: its T blocks; CT and FM: ``ode_steps`` Euler steps)."""
+    """Examples per second of ``predict`` (DT: its T blocks; CT and FM: ``ode_steps`` steps of their default solver, ancestral for CT and Euler for FM, one block call each)."""
     torch.manual_seed(0)
     backend = _fused_backend(device)
     if method == "dt":

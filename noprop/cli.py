@@ -4,6 +4,7 @@ Examples::
 
     noprop train --method dt --dataset mnist --epochs 10 --out runs/dt-mnist
     noprop train --method ct --dataset cifar10 --embedding learned --inference-steps 100 --solver heun
+    noprop eval --checkpoint runs/ct-cifar10/checkpoint.pt --solver ancestral --inference-steps 1000
     noprop train --resume runs/dt-mnist/checkpoint.pt --epochs 20
     noprop eval --checkpoint runs/dt-mnist/checkpoint.pt
     noprop info
@@ -26,7 +27,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from noprop.data import DATASETS
     from noprop.embeddings import EMBEDDINGS
     from noprop.models import METHODS
-    from noprop.models.base import SOLVERS
     from noprop.models.dt import SCHEDULES
     from noprop.ops import BACKENDS
     from noprop.train import TrainConfig
@@ -54,7 +54,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--train-limit", type=int, default=None, metavar="N", help="train on a random N training images")
     add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
     add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM integration steps (default 1000)")
-    add("--solver", choices=SOLVERS, default=defaults.solver, help="CT/FM integrator")
+    _add_solver_argument(parser)
     add("--deterministic-inference", action="store_true", help="no noise at inference (z_0 = 0)")
     add("--block-chunk", type=int, default=None, metavar="K", help="DT: train the blocks K at a time (caps memory)")
     add("--grad-clip", type=float, default=None, metavar="NORM", help="clip gradient norms, every DT block separately")
@@ -63,9 +63,32 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_solver_argument(parser: argparse.ArgumentParser) -> None:
+    """``--solver``, default None (the method's own), with every solver some model offers as the choices."""
+    from noprop.models import MODELS
+
+    solvers = sorted({solver for model in MODELS.values() for solver in model.solvers})
+    offers = "; ".join(
+        f"{method}: {', '.join(model.solvers)} (default {model.default_solver})"
+        for method, model in MODELS.items()
+        if model.solvers
+    )
+    parser.add_argument(
+        "--solver", choices=solvers, default=None, help=f"inference solver, by method: {offers}; the others take none"
+    )
+
+
+def _check_solver(method: str, solver: str | None) -> None:
+    """Reject a ``--solver`` that ``method``'s model does not offer (the error names ``--solver``)."""
+    from noprop.models import MODELS
+
+    MODELS[method].resolve_solver(solver, name="--solver")
+
+
 def _train(args: argparse.Namespace) -> int:
     from noprop.train import TrainConfig, train
 
+    _check_solver(args.method, args.solver)
     config = TrainConfig(
         **{
             field.name: getattr(args, field.name)
@@ -87,6 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     from noprop.train import TrainConfig, evaluate, inference_kwargs, resolve_device
 
     state = ckpt.load(args.checkpoint)
+    _check_solver(state["method"], args.solver)
     overrides = {
         "inference_steps": args.inference_steps,
         "solver": args.solver,
@@ -158,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", default="auto")
     eval_parser.add_argument("--eval-limit", type=int, default=None)
     eval_parser.add_argument("--inference-steps", type=int, default=None)
-    eval_parser.add_argument("--solver", choices=("euler", "heun"), default=None)
+    _add_solver_argument(eval_parser)
     eval_parser.add_argument("--deterministic-inference", action="store_true")
     eval_parser.set_defaults(handler=_eval)
     info_parser = commands.add_parser("info", help="versions, devices and which backends can run")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
 from noprop.data import BatchLoader, ImageDataset, load_dataset
-from noprop.models import METHODS, NoPropModel, build_model
+from noprop.models import METHODS, MODELS, NoPropModel, build_model
 from noprop.objectives import LossTerms
 from noprop.step import TrainStep
 from noprop.validation import check_choice, check_positive_int
@@ -47,7 +47,8 @@ class TrainConfig:
 
     Defaults are the paper's: batch 128, learning rate 1e-3, weight decay 1e-3, T = 10,
     eta = 0.1 (DT) / 1 (CT), AdamW for DT and the baseline, Adam for CT and FM, 1000 inference
-    steps for CT and FM.
+    steps for CT and FM. ``solver`` None is the method's default (CT: ancestral sampling, FM:
+    Euler); DT and the discrete baseline take none.
     """
 
     method: str = "dt"
@@ -71,7 +72,7 @@ class TrainConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     inference_steps: int | None = None
-    solver: str = "euler"
+    solver: str | None = None
     deterministic_inference: bool = False
     block_chunk: int | None = None
     grad_clip: float | None = None
@@ -88,6 +89,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: expected a number >= 0, got {self.weight_decay}")
+        MODELS[self.method].resolve_solver(self.solver)
         if self.schedule == "paper" and self.method != "dt":
             raise ValueError(f"schedule: 'paper' (a pass per block) exists for method 'dt' only, got method {self.method!r}")
 
@@ -137,7 +139,7 @@ def model_kwargs(config: TrainConfig, dataset: ImageDataset) -> dict:
 
 
 def inference_kwargs(config: TrainConfig) -> dict:
-    """``predict`` arguments of a run: steps and solver matter to CT and FM only (DT runs its T blocks)."""
+    """``predict`` arguments of a run: steps and solver matter to CT and FM only (DT runs its T blocks); solver None is the model's default."""
     integrates = config.method in ("ct", "fm")
     return dict(
         steps=config.inference_steps if integrates else None,
@@ -178,7 +180,7 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor,
     steps: int | None = None,
-    solver: str = "euler",
+    solver: str | None = None,
     deterministic: bool = False,
     batch_size: int = EVAL_BATCH,
 ) -> tuple[float, torch.Tensor]:

@@ -12,8 +12,6 @@ from noprop.objectives import LossTerms
 from noprop.ops import BACKENDS
 from noprop.validation import check_choice, check_images, check_labels, check_positive_int
 
-SOLVERS = ("euler", "heun")
-
 
 class NoPropModel(nn.Module):
     """Base class of the NoProp models and the back-propagation baseline.
@@ -28,10 +26,13 @@ class NoPropModel(nn.Module):
         width: multiplier of the paper's layer widths (``BlockConfig.scaled``).
         backend: fused-op backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
-    Subclasses implement :meth:`loss_terms` and :meth:`predict`.
+    Subclasses implement :meth:`loss_terms` and :meth:`predict`, and a model whose inference has a
+    choice of solver lists them in :attr:`solvers` with its :attr:`default_solver`.
     """
 
     method: str = ""
+    solvers: tuple[str, ...] = ()  # the ``solver`` values ``predict`` accepts; empty: it has no choice
+    default_solver: str | None = None  # what ``solver=None`` means
 
     def __init__(
         self,
@@ -142,17 +143,36 @@ class NoPropModel(nn.Module):
         self,
         x: torch.Tensor,
         steps: int | None = None,
-        solver: str = "euler",
+        solver: str | None = None,
         deterministic: bool = False,
         seed: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Class logits ``[B, num_classes]`` from images alone (the label is never read)."""
+        """Class logits ``[B, num_classes]`` from images ``x [B, C_in, H, W]`` alone (the label is never read).
+
+        Args:
+            x: images ``[B, C_in, H, W]``.
+            steps: inference steps (CT, FM); DT and the baseline run exactly their T blocks.
+            solver: one of the model's :attr:`solvers`; None is its :attr:`default_solver`
+                (CT: ``"ancestral"``, ``"euler"`` or ``"heun"``, default ancestral; FM:
+                ``"euler"`` or ``"heun"``, default euler; DT and the baseline have none and ignore it).
+            deterministic: no sampling noise (``z_0 = 0``, noiseless steps).
+            seed: seed of the inference noise; drawn if None.
+        """
         raise NotImplementedError
+
+    @classmethod
+    def resolve_solver(cls, solver: str | None, name: str = "solver") -> str | None:
+        """The solver ``predict`` runs: :attr:`default_solver` for None, else ``solver`` if it is one of :attr:`solvers`.
+
+        Raises:
+            ValueError: naming ``name`` (e.g. ``"--solver"`` on the command line), if ``solver`` is
+                not one of :attr:`solvers` (any value, for a model without a choice of solver).
+        """
+        if solver is None:
+            return cls.default_solver
+        if not cls.solvers:
+            raise ValueError(f"{name}: method {cls.method!r} has no choice of solver (it runs its T blocks), got {solver!r}")
+        return check_choice(f"{name} (method {cls.method!r})", solver, cls.solvers)
 
     def _inference_seed(self, seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
         return self.draw_seed(device) if seed is None else rng.as_seed_tensor(seed, device)
-
-    @staticmethod
-    def _check_solver(steps: int | None, solver: str, default_steps: int) -> tuple[int, str]:
-        steps = default_steps if steps is None else check_positive_int("steps", steps)
-        return steps, check_choice("solver", solver, SOLVERS)

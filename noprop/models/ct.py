@@ -1,6 +1,14 @@
-"""NoProp-CT: one time-conditioned block and a learnable noise schedule."""
+"""NoProp-CT: one time-conditioned block, a learnable noise schedule, and the ancestral sampler.
+
+Inference "simulates the diffusion process" (paper section 2.3) by default: :func:`ancestral_sample`
+takes DT's Eq. 3 steps between consecutive times of the grid ``t_k = k / steps`` of the learned
+schedule. The probability-flow ODE (Euler or Heun, :func:`noprop.models.ode.integrate`) is the
+alternative.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -8,7 +16,53 @@ from torch import nn
 from noprop import ops
 from noprop.models.ode import TimeConditionedModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
-from noprop.schedules import LearnableSchedule
+from noprop.schedules import LearnableSchedule, posterior_coefficients
+
+
+def ancestral_sample(
+    logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    W: torch.Tensor,
+    z: torch.Tensor,
+    times: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    seed: int | torch.Tensor,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Ancestral sampling down a grid of increasing ``alpha_bar``: Eq. 3 between consecutive grid times.
+
+    For ``k = 0..K-1`` (``K = len(times) - 1``), with ``abar_k = alpha_bar[k]``:
+    ``z_{k+1} = a_k u_hat(z_k, t_k) + b_k z_k + sqrt(c_k) eps_k``,
+    ``u_hat(z, t) = softmax(logits_at(z, t)) @ W``, ``eps_k = normal(seed + k + 1, z.shape)`` and
+    ``(a_k, b_k, c_k) = posterior_coefficients(abar_k, abar_{k+1})`` (computed in float64), i.e.
+    ``a = sqrt(abar_{k+1})(1 - alpha) / (1 - abar_k)``, ``b = sqrt(alpha)(1 - abar_{k+1}) / (1 - abar_k)``,
+    ``c = (1 - abar_{k+1})(1 - alpha) / (1 - abar_k)``, ``alpha = abar_k / abar_{k+1}``. With an
+    exact ``u_hat = u_y`` and ``z_0 ~ q(z_0 | y)``, every ``z_k`` has the marginal
+    ``N(sqrt(abar_k) u_y, (1 - abar_k) I)``. The noise of step ``k`` depends on ``seed`` and ``k``
+    only, so a call on a prefix of the grid retraces the first steps of the full call.
+
+    Args:
+        logits_at: ``(z [B, D], t [B]) -> logits [B, C]``, the block (it never sees a label).
+        W: embedding ``[C, D]``.
+        z: latent ``[B, D]`` at ``times[0]``.
+        times: grid times ``[K + 1]`` (passed to ``logits_at``).
+        alpha_bar: the schedule at ``times``, ``[K + 1]``, non-decreasing.
+        seed: int or int64 tensor with one element.
+        deterministic: no noise (``c`` ignored): the posterior mean at every step.
+        backend: fused-op backend of :func:`noprop.ops.latent_update`.
+
+    Returns:
+        ``z`` at ``times[-1]``, ``[B, D]``.
+    """
+    a, b, c = posterior_coefficients(alpha_bar[:-1].double(), alpha_bar[1:].double())
+    # c >= 0 for a non-decreasing alpha_bar; the clamp keeps a rounding-level crossing from making a NaN
+    r = torch.zeros_like(c) if deterministic else c.clamp(min=0).sqrt()
+    a, b, r = a.float(), b.float(), r.float()
+    batch = z.shape[0]
+    for k in range(times.shape[0] - 1):
+        logits = logits_at(z, times[k].expand(batch))
+        z = ops.latent_update(logits, W, z, a[k], b[k], r[k], seed + (k + 1), readout="softmax", backend=backend)
+    return z
 
 
 class NoPropCT(TimeConditionedModel):
@@ -20,8 +74,10 @@ class NoPropCT(TimeConditionedModel):
 
     with ``u_hat = softmax(block(x, z_t, t)) @ W_embed`` and the learnable schedule of
     :class:`noprop.schedules.LearnableSchedule` (trained with everything else).
-    Inference integrates the probability-flow ODE from ``z_0 ~ N(0, I)`` to ``t = 1`` (Euler or
-    Heun, paper: 1000 steps), then applies the classifier.
+    Inference goes from ``z_0 ~ N(0, I)`` to ``t = 1`` on the grid ``t_k = k / steps`` (paper: 1000
+    steps), then applies the classifier. Solvers: ``"ancestral"`` (the default, the paper's
+    simulation of the diffusion process: :func:`ancestral_sample`), or ``"euler"``/``"heun"`` on
+    the probability-flow ODE (:func:`noprop.models.ode.integrate`).
 
     Args:
         num_classes, in_channels, image_size, embedding, embedding_dim, width, backend: see
@@ -31,6 +87,8 @@ class NoPropCT(TimeConditionedModel):
 
     method = "ct"
     readout = "softmax"
+    solvers = ("ancestral", "euler", "heun")
+    default_solver = "ancestral"
 
     def __init__(
         self,
@@ -77,6 +135,25 @@ class NoPropCT(TimeConditionedModel):
     def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The probability-flow ODE of the learned schedule (:meth:`LearnableSchedule.ode_coefficients`)."""
         return self.noise_schedule.ode_coefficients(t)
+
+    def solve(
+        self,
+        logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        W: torch.Tensor,
+        z: torch.Tensor,
+        times: torch.Tensor,
+        solver: str,
+        deterministic: bool,
+        seed: torch.Tensor,
+    ) -> torch.Tensor:
+        """:func:`ancestral_sample` on the learned ``alpha_bar(times)`` for ``"ancestral"``, else the ODE solvers.
+
+        Shapes and arguments: see :meth:`noprop.models.ode.TimeConditionedModel.solve`.
+        """
+        if solver != "ancestral":
+            return super().solve(logits_at, W, z, times, solver, deterministic, seed)
+        alpha_bar = self.noise_schedule.alpha_bar(times)
+        return ancestral_sample(logits_at, W, z, times, alpha_bar, seed, deterministic, self.backend)
 
     def class_logits(self, z: torch.Tensor) -> torch.Tensor:
         """The classifier on ``z_1``."""

@@ -141,7 +141,7 @@ class NoPropDT(NoPropModel):
         self,
         x: torch.Tensor,
         steps: int | None = None,
-        solver: str = "euler",
+        solver: str | None = None,
         deterministic: bool = False,
         seed: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -150,7 +150,7 @@ class NoPropDT(NoPropModel):
         Args:
             x: images ``[B, C_in, H, W]``.
             steps: must be None or T (DT runs exactly its blocks).
-            solver: ignored by DT (accepted for a common signature).
+            solver: ignored: DT has no choice of solver (accepted for the common signature).
             deterministic: ``z_0 = 0`` and no noise in the updates, instead of the paper's sampling.
             seed: seed of ``z_0`` (``seed``) and of step ``t``'s noise (``seed + t``); drawn if None.
         """

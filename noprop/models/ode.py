@@ -1,9 +1,14 @@
-"""Inference by integrating ``dz/dt = P(t) readout(logits(z, t)) @ W + Q(t) z`` from t = 0 to 1.
+"""The time-conditioned models (CT, FM): shared construction, and inference on the grid ``t_k = k / steps``.
 
+:class:`TimeConditionedModel` computes the image features once, starts from ``z_0 ~ N(0, I)``
+(or ``z_0 = 0`` when deterministic), runs the chosen solver from ``t = 0`` to ``t = 1`` and
+applies the model's readout of ``z_1``. The solvers here integrate the probability-flow ODE
+``dz/dt = P(t) readout(logits(z, t)) @ W + Q(t) z`` (:func:`integrate`: Euler or Heun):
 NoProp-CT (``P, Q`` from its schedule, softmax readout) and NoProp-FM (``P = 1, Q = 0``, linear
-readout: the block predicts the velocity) share this integrator and the model skeleton
-:class:`TimeConditionedModel`. Every step is one or two :func:`noprop.ops.latent_update` calls, so
-the fused backends run the readout, the matrix product and the update in one launch.
+readout: the block predicts the velocity). NoProp-CT adds, as its default, the ancestral sampler
+that simulates the diffusion process (:func:`noprop.models.ct.ancestral_sample`). Every step is
+one or two :func:`noprop.ops.latent_update` calls, so the fused backends run the readout, the
+matrix product and the update in one launch.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from noprop import ops
 from noprop.blocks import TimeBlock
 from noprop.models.base import NoPropModel
+from noprop.validation import check_positive_int
 
 PAPER_INFERENCE_STEPS = 1000
 
@@ -68,11 +74,14 @@ def integrate(
 class TimeConditionedModel(NoPropModel):
     """A NoProp model with one time-conditioned block (CT, FM): shared construction and inference.
 
-    Subclasses set :attr:`readout` and implement :meth:`ode_coefficients` and :meth:`class_logits`.
+    Subclasses set :attr:`readout` and implement :meth:`ode_coefficients` and :meth:`class_logits`;
+    one with more solvers than the ODE's extends :attr:`solvers` and :meth:`solve`.
     Arguments: see :class:`noprop.models.base.NoPropModel`.
     """
 
     readout: str = "softmax"
+    solvers = ("euler", "heun")
+    default_solver = "euler"
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, embedding: str, embedding_dim: int | None, width: float, backend: str):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
@@ -86,31 +95,52 @@ class TimeConditionedModel(NoPropModel):
         """Logits ``[B, num_classes]`` from the latent ``z [B, D]`` reached at ``t = 1``."""
         raise NotImplementedError
 
+    def solve(
+        self,
+        logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        W: torch.Tensor,
+        z: torch.Tensor,
+        times: torch.Tensor,
+        solver: str,
+        deterministic: bool,
+        seed: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run ``solver`` from ``z [B, D]`` at ``times[0] = 0`` over the grid ``times [steps + 1]``: ``z`` at ``t = 1``.
+
+        Here the ODE solvers (:func:`integrate` with :meth:`ode_coefficients`), which use neither
+        ``deterministic`` nor ``seed`` (they add no noise); ``logits_at(z [B, D], t [B]) -> [B, C]``
+        is the block with the image features fixed.
+        """
+        P, Q = self.ode_coefficients(times)
+        return integrate(logits_at, W, z, P, Q, solver, self.readout, self.backend)
+
     @torch.no_grad()
     def predict(
         self,
         x: torch.Tensor,
         steps: int | None = None,
-        solver: str = "euler",
+        solver: str | None = None,
         deterministic: bool = False,
         seed: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Integrate from ``z_0`` to ``t = 1``, then :meth:`class_logits`: logits ``[B, num_classes]``.
+        """Run :meth:`solve` from ``z_0`` to ``t = 1``, then :meth:`class_logits`: logits ``[B, num_classes]``.
 
         Args:
             x: images ``[B, C_in, H, W]``.
-            steps: integration steps (default 1000, the paper's).
-            solver: ``"euler"`` or ``"heun"``.
-            deterministic: start from ``z_0 = 0`` instead of ``z_0 ~ N(0, I)``.
-            seed: seed of ``z_0``; drawn if None.
+            steps: steps on the grid ``t_k = k / steps`` (default 1000, the paper's).
+            solver: one of :attr:`solvers`; None is :attr:`default_solver`.
+            deterministic: start from ``z_0 = 0`` instead of ``z_0 ~ N(0, I)`` (and, for a
+                sampler, add no noise on the way).
+            seed: seed of ``z_0`` (``seed``) and of a sampler's step ``k`` (``seed + k + 1``); drawn if None.
         """
-        steps, solver = self._check_solver(steps, solver, PAPER_INFERENCE_STEPS)
+        steps = PAPER_INFERENCE_STEPS if steps is None else check_positive_int("steps", steps)
+        solver = self.resolve_solver(solver)
         x, _ = self.check_inputs(x)
         W = self.embedding.weight
         features = self.block.image(x)  # the image path does not depend on z or t: once per call
         shape = (x.shape[0], self.embed_dim)
         seed = self._inference_seed(seed, x.device)
         z = W.new_zeros(shape) if deterministic else ops.normal(seed, shape, backend=self.backend).to(W.dtype)
-        P, Q = self.ode_coefficients(torch.linspace(0.0, 1.0, steps + 1, device=x.device))
-        z = integrate(lambda z, t: self.block.head(features, z, t), W, z, P, Q, solver, self.readout, self.backend)
+        times = torch.linspace(0.0, 1.0, steps + 1, device=x.device)
+        z = self.solve(lambda z, t: self.block.head(features, z, t), W, z, times, solver, deterministic, seed)
         return self.class_logits(z)
