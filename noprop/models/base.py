@@ -66,6 +66,17 @@ class NoPropModel(nn.Module):
         """``(in_channels, image_size, image_size)``."""
         return (self.in_channels, self.image_size, self.image_size)
 
+    def block_arguments(self) -> dict:
+        """The arguments every block of this model is built with (:class:`noprop.blocks.DTBlock` / ``TimeBlock``)."""
+        return dict(
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            image_size=self.image_size,
+            embed_dim=self.embed_dim,
+            config=self.block_config,
+            prototype=self.embedding.kind == "prototype",
+        )
+
     @property
     def embed_dim(self) -> int:
         """The label embedding dimension ``D``."""

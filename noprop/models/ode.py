@@ -85,7 +85,7 @@ class TimeConditionedModel(NoPropModel):
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, embedding: str, embedding_dim: int | None, width: float, backend: str):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
-        self.block = TimeBlock(num_classes, in_channels, image_size, self.embed_dim, self.block_config)
+        self.block = TimeBlock(**self.block_arguments())
 
     def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``P(t), Q(t)`` of ``dz/dt = P u_hat + Q z`` at the times ``t [n]``."""
