@@ -8,6 +8,7 @@ written out here, noise ``normal(seed + k + 1)``) with the real block.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -235,3 +236,22 @@ def test_cli_names_the_solver_flag(capsys):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "ct: ancestral, euler, heun (default ancestral); fm: euler, heun (default euler)" in help_text
+
+
+def test_cli_train_and_eval_ct_with_each_solver(tmp_path, capsys):
+    """A CT run evaluates with its default (ancestral) and any solver named on eval; a DT checkpoint refuses --solver."""
+    from test_data import make_idx_folder
+
+    make_idx_folder(tmp_path / "data", n_train=32, n_test=16)
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--width", "0.125",
+              "--batch-size", "16", "--no-progress"]
+    assert main(["train", "--method", "ct", "--inference-steps", "3", "--out", str(tmp_path / "ct"), *common]) == 0
+    checkpoint = str(tmp_path / "ct" / "checkpoint.pt")
+    for solver in ("ancestral", "euler", "heun"):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", checkpoint, "--solver", solver]) == 0, solver
+        assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_accuracy"] <= 1.0
+    assert main(["train", "--method", "dt", "--T", "2", "--out", str(tmp_path / "dt"), *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "dt" / "checkpoint.pt"), "--solver", "heun"]) == 2
+    assert "--solver: method 'dt' has no choice of solver" in capsys.readouterr().err
