@@ -46,8 +46,9 @@ class TrainConfig:
     """Everything a training run depends on (the CLI's ``noprop train`` flags).
 
     Defaults are the paper's: batch 128, learning rate 1e-3, weight decay 1e-3, T = 10,
-    eta = 0.1 (DT) / 1 (CT), AdamW for DT and the baseline, Adam for CT and FM, 1000 inference
-    steps for CT and FM. ``solver`` None is the method's default (CT: ancestral sampling, FM:
+    eta = 0.1 (DT) / 1 (CT), AdamW for DT and the discrete baseline, Adam for CT, FM and the
+    adjoint baseline, 1000 inference steps for CT, FM and the adjoint baseline (which also
+    integrates with ``ode_steps`` = 1000 Euler steps in training). ``solver`` None is the method's default (CT: ancestral sampling, FM:
     Euler); DT and the discrete baseline take none.
     """
 
@@ -60,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     T: int = 10
     eta: float | None = None
+    ode_steps: int = 1000
     embedding: str = "onehot"
     embedding_dim: int | None = None
     width: float = 1.0
@@ -82,7 +84,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
-        for name in ("epochs", "batch_size", "T"):
+        for name in ("epochs", "batch_size", "T", "ode_steps"):
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "width"):
             if not getattr(self, name) > 0:
@@ -135,12 +137,14 @@ def model_kwargs(config: TrainConfig, dataset: ImageDataset) -> dict:
         kwargs["eta"] = PAPER_ETA[config.method] if config.eta is None else config.eta
     if config.method == "dt":
         kwargs["schedule"] = config.schedule
+    if config.method == "adjoint":
+        kwargs["ode_steps"] = config.ode_steps
     return kwargs
 
 
 def inference_kwargs(config: TrainConfig) -> dict:
     """``predict`` arguments of a run: steps and solver matter to CT and FM only (DT runs its T blocks); solver None is the model's default."""
-    integrates = config.method in ("ct", "fm")
+    integrates = config.method in ("ct", "fm", "adjoint")
     return dict(
         steps=config.inference_steps if integrates else None,
         solver=config.solver,
