@@ -2,7 +2,7 @@
 
 * :mod:`.noise`: :func:`normal`, :func:`noised_latents_forward`, :func:`noised_latents_backward`;
 * :mod:`.loss`: :func:`denoising_loss_forward`, :func:`denoising_loss_backward`;
-* :mod:`.update`: :func:`latent_update`;
+* :mod:`.update`: :func:`latent_update`, :func:`latent_update_backward`;
 * :mod:`.bmm`: :func:`stacked_linear_forward`, :func:`stacked_linear_backward` (batched GEMM of T
   linear layers, bias and activation fused);
 * :mod:`._common`: tile-size heuristics and the tile helpers the kernels share.
@@ -24,7 +24,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 from .bmm import stacked_linear_backward, stacked_linear_forward  # noqa: E402
 from .loss import denoising_loss_backward, denoising_loss_forward  # noqa: E402
 from .noise import noised_latents_backward, noised_latents_forward, normal  # noqa: E402
-from .update import latent_update  # noqa: E402
+from .update import latent_update, latent_update_backward  # noqa: E402
 
 __all__ = [
     "INTERPRETER",
@@ -34,6 +34,7 @@ __all__ = [
     "denoising_loss_forward",
     "denoising_loss_backward",
     "latent_update",
+    "latent_update_backward",
     "stacked_linear_forward",
     "stacked_linear_backward",
 ]

@@ -45,6 +45,11 @@ MAX_TILES_PER_PROGRAM = 32
 LOSS_FORWARD_TILE = 4096
 LOSS_BACKWARD_TILE = 2048
 LATENT_UPDATE_TILE = 1024
+# Not tuned on a GPU yet. Compiled offline for sm_90 (cuobjdump -res-usage), the latent-update
+# backward with every gradient needed takes 158 registers at D = 20 but 255 registers and 512 bytes
+# of stack at D = 784 (16 x 128 tiles, the smallest row_tiling makes there); without the noise
+# gradient (the back-propagation baseline) 128 registers at D = 20, 424 bytes of stack at D = 784.
+LATENT_UPDATE_BACKWARD_TILE = 1024
 NOISED_LATENTS_BACKWARD_TILE = 1024
 
 
@@ -202,6 +207,19 @@ def load_class_weights(logits_ptr, rows, row_mask, num_classes, BLOCK_C: tl.cons
         exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         return exps / tl.sum(exps, axis=1)[:, None]
     return logits
+
+
+@triton.jit
+def readout_backward(class_weights, grad_class_weights, SOFTMAX: tl.constexpr):
+    """``d loss / d logits`` from ``ds = d loss / d readout(logits)`` ``[BLOCK_N, BLOCK_C]``.
+
+    Softmax: ``s * (ds - sum_c s * ds)`` with ``s = class_weights``; linear: ``ds``. Padded classes
+    (``s = 0``) get 0 from the softmax.
+    """
+    if SOFTMAX:
+        inner = tl.sum(class_weights * grad_class_weights, axis=1)
+        return class_weights * (grad_class_weights - inner[:, None])
+    return grad_class_weights
 
 
 @triton.jit

@@ -26,6 +26,7 @@ from ._common import (
     load_class_weights,
     load_embedding_chunk,
     randn_contract,
+    readout_backward,
     row_tiling,
 )
 
@@ -185,12 +186,7 @@ def _denoising_loss_backward_kernel(
                         gW_ptr + classes[:, None] * dim + cols[None, :], grad_W_chunk,
                         mask=class_mask[:, None] & col_mask[None, :], sem="relaxed",
                     )
-        if SOFTMAX:
-            # softmax backward: p * (dp - <p, dp>)
-            inner = tl.sum(class_weights * grad_class_weights, axis=1)
-            grad_logits = class_weights * (grad_class_weights - inner[:, None])
-        else:
-            grad_logits = grad_class_weights
+        grad_logits = readout_backward(class_weights, grad_class_weights, SOFTMAX)
         tl.store(
             glogits_ptr + rows[:, None] * num_classes + classes[None, :],
             grad_logits.to(glogits_ptr.dtype.element_ty),
