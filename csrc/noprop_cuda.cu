@@ -371,6 +371,37 @@ struct RowShape {
   bool vec;             // D % 4 == 0 and all row arrays 16-byte aligned
 };
 
+// glogits[c] = readout_backward(probs[c], dprobs[c]) with dprobs[c] = <G_row, W[c]>, for the group's
+// lanes' classes c = lane, lane + lanes, ...: the gradient of the logits from G = d loss / d u_hat
+// (u_hat = probs @ W), whose quads the group wrote to shared memory (the caller __syncwarp()s first).
+// All lanes call it; inactive rows read and write nothing.
+template <typename logit_t>
+__device__ void readout_grad_row(const RowShape& shape, const float4* G_row, const float* W, bool softmax, bool active,
+                                 const RowGroup& g, const float* probs, float* dprobs, logit_t* glogits) {
+  float prob_dot_dprob = 0.0f;
+  if (active) {
+    for (int c = g.lane; c < shape.C; c += g.lanes) {
+      const float* w_c = W + static_cast<int64_t>(c) * shape.D;
+      float4 dp = make_float4(0.f, 0.f, 0.f, 0.f);  // four independent sums: shorter FMA chains
+      for (int q = 0; q < shape.quads; ++q) {
+        const float4 gq = G_row[q];
+        const Quad wq = load_quad(w_c, q, shape.D, shape.vec);
+        dp.x += gq.x * wq.v[0];
+        dp.y += gq.y * wq.v[1];
+        dp.z += gq.z * wq.v[2];
+        dp.w += gq.w * wq.v[3];
+      }
+      dprobs[c] = (dp.x + dp.y) + (dp.z + dp.w);
+      prob_dot_dprob += probs[c] * dprobs[c];
+    }
+  }
+  prob_dot_dprob = group_sum(prob_dot_dprob, g.lanes);
+  if (!active) return;
+  for (int c = g.lane; c < shape.C; c += g.lanes) {
+    glogits[c] = static_cast<logit_t>(readout_backward(probs[c], dprobs[c], prob_dot_dprob, softmax));
+  }
+}
+
 // grad_z [N, D] -> gW [C, D] (one-hot outer sum), ga [N] = <grad_z, W[y]>, gb [N] = <grad_z, eps>.
 __global__ void __launch_bounds__(kMaxThreads) noised_latents_backward_kernel(
     RowShape shape, const float* grad_z, const float* W, const int64_t* y, const float* a, const int64_t* seed,
@@ -516,31 +547,10 @@ __global__ void __launch_bounds__(kMaxThreads) denoising_loss_backward_kernel(
       }
     }
     __syncwarp();
-    float prob_dot_dprob = 0.0f;
-    if (active) {  // dprobs[c] = <G, W[c]>
-      for (int c = g.lane; c < shape.C; c += g.lanes) {
-        const float* w_c = in.W + static_cast<int64_t>(c) * shape.D;
-        float4 dp = make_float4(0.f, 0.f, 0.f, 0.f);  // four independent sums: shorter FMA chains
-        for (int q = 0; q < shape.quads; ++q) {
-          const float4 gq = G[g.slot * shape.quads + q];
-          const Quad wq = load_quad(w_c, q, shape.D, shape.vec);
-          dp.x += gq.x * wq.v[0];
-          dp.y += gq.y * wq.v[1];
-          dp.z += gq.z * wq.v[2];
-          dp.w += gq.w * wq.v[3];
-        }
-        dprobs[c] = (dp.x + dp.y) + (dp.z + dp.w);
-        prob_dot_dprob += probs[c] * dprobs[c];
-      }
-    }
-    prob_dot_dprob = group_sum(prob_dot_dprob, g.lanes);
-    if (active) {  // glogits; probs become the gW coefficients probs - onehot(y)
-      for (int c = g.lane; c < shape.C; c += g.lanes) {
-        const float grad = readout_backward(probs[c], dprobs[c], prob_dot_dprob, in.softmax);
-        glogits[row * shape.C + c] = static_cast<logit_t>(grad);
-        probs[c] -= c == label ? 1.0f : 0.0f;
-      }
-    }
+    readout_grad_row(shape, G + g.slot * shape.quads, in.W, in.softmax, active, g, probs, dprobs,
+                     glogits + (active ? row : 0) * shape.C);
+    // probs become the gW coefficients probs - onehot(y), by the lane that read probs[label] above
+    if (active && label % g.lanes == g.lane) probs[label] -= 1.0f;
     if (needs_W) {
       __syncthreads();
       accumulate_outer_sum(gW_sum, DenseCoef{probs_all, shape.probs_stride}, G, tile_rows(shape.N, tile, g.rows));
@@ -582,6 +592,100 @@ __global__ void __launch_bounds__(kMaxThreads) latent_update_kernel(
     }
     __syncwarp();  // the next tile rewrites probs
   }
+}
+
+// Inputs of the latent-update backward kernel.
+template <typename logit_t, typename z_t>
+struct StepGradInputs {
+  const z_t* grad;        // [N, D], d loss / d z_new
+  const logit_t* logits;  // [N, C]
+  const float* W;         // [C, D]
+  const z_t* z;           // [N, D]
+  const float* p;         // [N]
+  const float* q;         // [N]
+  const int64_t* seed;    // [1]
+  bool softmax;
+};
+
+// Gradients of the latent update; null where not needed (the W gradient is the kernel's OuterSum).
+template <typename logit_t, typename z_t>
+struct StepGrads {
+  logit_t* glogits;  // [N, C]
+  z_t* gz;           // [N, D]
+  float *gp, *gq, *gr;  // [N]
+};
+
+// From g = grad: gz = q g; gp = <g, u_hat>, gq = <g, z>, gr = <g, eps> per row; G = p g = d loss / d
+// u_hat, dprobs = G W^T, glogits = readout_backward(dprobs); gW = sum_rows probs^T G. Rows draw
+// noise only for gr.
+template <typename logit_t, typename z_t>
+__global__ void __launch_bounds__(kMaxThreads) latent_update_backward_kernel(
+    RowShape shape, StepGradInputs<logit_t, z_t> in, StepGrads<logit_t, z_t> out, OuterSum gW_sum) {
+  extern __shared__ float4 smem[];
+  const RowGroup g(shape.lanes_log2);
+  const bool needs_W = gW_sum.gW != nullptr;
+  const bool needs_G = needs_W || out.glogits;  // the rows' G in shared memory
+  const bool needs_probs = needs_G || out.gp;
+  // shared memory: G [rows][quads] float4, then gW partials, then probs, dprobs [rows][probs_stride]
+  float4* G = smem;
+  gW_sum.acc = gW_sum.in_shared ? G + g.rows * shape.quads : nullptr;
+  const int gW_acc_size = gW_sum.in_shared ? gW_sum.slices * shape.C * shape.quads : 0;
+  float* probs_all = reinterpret_cast<float*>(G + g.rows * shape.quads + gW_acc_size);
+  float* probs = probs_all + g.slot * shape.probs_stride;
+  float* dprobs = probs_all + (g.rows + g.slot) * shape.probs_stride;
+  if (needs_W) zero_outer_sum(gW_sum);
+  const PhiloxKey key = out.gr ? philox_key(*in.seed) : PhiloxKey{0, 0};
+
+  for (int64_t tile = blockIdx.x; tile * g.rows < shape.N; tile += gridDim.x) {
+    const int64_t row = tile * g.rows + g.slot;
+    const bool active = row < shape.N;
+    if (needs_probs) readout_row(in.logits + (active ? row : 0) * shape.C, shape.C, in.softmax, active, g, probs);
+    __syncwarp();
+    float dot_u = 0.0f, dot_z = 0.0f, dot_eps = 0.0f;
+    if (active) {
+      const float pn = in.p[row], qn = in.q[row];
+      const z_t* grad_row = in.grad + row * shape.D;
+      for (int quad = g.lane; quad < shape.quads; quad += g.lanes) {
+        const Quad grad = load_quad(grad_row, quad, shape.D, shape.vec);
+        if (out.gz) {
+          Quad dz;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dz.v[j] = latent_step_grad_z(qn, grad.v[j]);
+          store_quad(out.gz + row * shape.D, quad, shape.D, shape.vec, dz);
+        }
+        if (out.gp) dot_u += dot4(grad, mix_quad(probs, in.W, shape.C, shape.D, quad, shape.vec));
+        if (out.gq) dot_z += dot4(grad, load_quad(in.z + row * shape.D, quad, shape.D, shape.vec));
+        if (out.gr) dot_eps += dot4(grad, noise_quad(key, static_cast<uint64_t>(row) * shape.D, quad, shape.D));
+        if (needs_G) {
+          Quad du;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) du.v[j] = latent_step_grad_u_hat(pn, grad.v[j]);
+          G[g.slot * shape.quads + quad] = to_float4(du);
+        }
+      }
+    }
+    if (out.gp) dot_u = group_sum(dot_u, g.lanes);
+    if (out.gq) dot_z = group_sum(dot_z, g.lanes);
+    if (out.gr) dot_eps = group_sum(dot_eps, g.lanes);
+    if (active && g.lane == 0) {
+      if (out.gp) out.gp[row] = dot_u;
+      if (out.gq) out.gq[row] = dot_z;
+      if (out.gr) out.gr[row] = dot_eps;
+    }
+    __syncwarp();
+    if (out.glogits) {
+      readout_grad_row(shape, G + g.slot * shape.quads, in.W, in.softmax, active, g, probs, dprobs,
+                       out.glogits + (active ? row : 0) * shape.C);
+    }
+    if (needs_W) {
+      __syncthreads();
+      accumulate_outer_sum(gW_sum, DenseCoef{probs_all, shape.probs_stride}, G, tile_rows(shape.N, tile, g.rows));
+      __syncthreads();
+    } else {
+      __syncwarp();  // the next tile rewrites probs and G
+    }
+  }
+  if (needs_W) flush_outer_sum(gW_sum);
 }
 
 // ================================================================================== host side
@@ -855,6 +959,51 @@ at::Tensor latent_update_cuda(const at::Tensor& logits, const at::Tensor& W, con
   return z_new;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_update_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& z, const at::Tensor& p,
+    const at::Tensor& q, const at::Tensor& r, const at::Tensor& seed, bool softmax, bool needs_logits, bool needs_W,
+    bool needs_z, bool needs_p, bool needs_q, bool needs_r) {
+  const char* op = "latent_update_backward";
+  const RowSizes s = check_latent_update(op, logits, W, z, p, q, r, seed);
+  check_tensor(op, "grad", grad, z.scalar_type(), {s.N, s.D}, z.device());
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor W32 = W.to(at::kFloat);
+  at::Tensor glogits = needs_logits ? at::empty_like(logits) : logits.new_empty({0});
+  at::Tensor gW = needs_W ? at::zeros_like(W32) : W.new_empty({0});
+  at::Tensor gz = needs_z ? at::empty_like(z) : z.new_empty({0});
+  at::Tensor gp = needs_p ? at::empty_like(p) : p.new_empty({0});
+  at::Tensor gq = needs_q ? at::empty_like(q) : q.new_empty({0});
+  at::Tensor gr = needs_r ? at::empty_like(r) : r.new_empty({0});
+  if (s.N > 0 && (needs_logits || needs_W || needs_z || needs_p || needs_q || needs_r)) {
+    const RowPlan plan = plan_rows(s.N, s.D, row_bytes(s.C, s.D, 2, true));  // G quads, probs, dprobs
+    const RowShape shape = row_shape(s.N, s.N, s.C, s.D, plan,
+                                     {W32.data_ptr(), grad.data_ptr(), z.data_ptr(), needs_z ? gz.data_ptr() : nullptr});
+    size_t smem = plan.smem;
+    OuterSum gW_sum{};
+    if (needs_W) gW_sum = plan_outer_sum(gW.data_ptr<float>(), shape, plan, &smem);
+    check_smem(op, smem);
+    NOPROP_DISPATCH_ACTIVATIONS(logits.scalar_type(), "latent_update_backward", [&] {
+      using logit_t = scalar_t;
+      NOPROP_DISPATCH_ACTIVATIONS(z.scalar_type(), "latent_update_backward", [&] {
+        const auto kernel = latent_update_backward_kernel<logit_t, scalar_t>;
+        const int grid = resident_grid(kernel, plan.threads, smem, plan.tiles);
+        const StepGradInputs<logit_t, scalar_t> in{grad.data_ptr<scalar_t>(), logits.data_ptr<logit_t>(),
+                                                   W32.data_ptr<float>(),     z.data_ptr<scalar_t>(),
+                                                   p.data_ptr<float>(),       q.data_ptr<float>(),
+                                                   seed.data_ptr<int64_t>(),  softmax};
+        const StepGrads<logit_t, scalar_t> grads{needs_logits ? glogits.data_ptr<logit_t>() : nullptr,
+                                                 needs_z ? gz.data_ptr<scalar_t>() : nullptr,
+                                                 needs_p ? gp.data_ptr<float>() : nullptr,
+                                                 needs_q ? gq.data_ptr<float>() : nullptr,
+                                                 needs_r ? gr.data_ptr<float>() : nullptr};
+        kernel<<<grid, plan.threads, smem, current_stream()>>>(shape, in, grads, gW_sum);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return {glogits, needs_W ? gW.to(W.scalar_type()) : gW, gz, gp, gq, gr};
+}
+
 std::tuple<at::Tensor, at::Tensor> philox_words_cuda(const at::Tensor& seed, const at::Tensor& counter) {
   check_seed("philox_words", seed, counter.device());
   check_tensor("philox_words", "counter", counter, at::kLong, counter.sizes(), counter.device());
@@ -878,6 +1027,7 @@ TORCH_LIBRARY_IMPL(noprop_ext, CUDA, m) {
   m.impl("denoising_loss_forward", &denoising_loss_forward_cuda);
   m.impl("denoising_loss_backward", &denoising_loss_backward_cuda);
   m.impl("latent_update", &latent_update_cuda);
+  m.impl("latent_update_backward", &latent_update_backward_cuda);
   m.impl("philox_words", &philox_words_cuda);
 }
 

@@ -149,4 +149,11 @@ NOPROP_HOST_DEVICE inline float latent_step(float p, float u_hat, float q, float
   return p * u_hat + q * z + r * eps;
 }
 
+// latent update backward, from one element g of d loss / d z_new: d z = q g and d u_hat = p g (whence
+// d probs = (p g) W^T and the W gradient probs^T (p g)); the coefficient gradients are the row sums
+// of g u_hat (p), g z (q) and g eps (r).
+NOPROP_HOST_DEVICE inline float latent_step_grad_z(float q, float grad) { return q * grad; }
+
+NOPROP_HOST_DEVICE inline float latent_step_grad_u_hat(float p, float grad) { return p * grad; }
+
 }  // namespace noprop

@@ -207,6 +207,28 @@ void mix_embeddings(const float* probs, const float* W, int64_t C, int64_t D, fl
   }
 }
 
+// glogits[c] = readout_backward(probs[c], dprobs[c]) with dprobs[c] = <G, W[c]>, the gradient of the
+// logits from G = d loss / d u_hat of one row (u_hat = probs @ W); dprobs is scratch of C floats.
+void readout_grad_row(const float* probs, const float* G, const float* W, int64_t C, int64_t D, bool softmax,
+                      float* dprobs, float* glogits) {
+  float prob_dot_dprob = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    dprobs[c] = dot(G, W + c * D, D);
+    prob_dot_dprob += probs[c] * dprobs[c];
+  }
+  for (int64_t c = 0; c < C; ++c) glogits[c] = readout_backward(probs[c], dprobs[c], prob_dot_dprob, softmax);
+}
+
+// acc[c, :] += coef[c] G for every class c: one row's share of a W gradient sum_rows coef^T G.
+void add_outer_row(const float* coef, const float* G, int64_t C, int64_t D, float* acc) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float k = coef[c];
+    float* acc_c = acc + c * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc_c[d] += k * G[d];
+  }
+}
+
 // Rows [0, N) in contiguous chunks, at most one per thread; with `sum` defined ([C, D] float32),
 // each chunk gets a zeroed partial of sum's size, and the partials are added into `sum` in chunk
 // order. body(begin, end, partial) handles rows [begin, end); partial is null without `sum`.
@@ -396,19 +418,10 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_backward_cpu(const at::Tensor&
       const float scale = denoising_grad_scale(wt[row], upstream, s.B);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) G[d] = scale * denoising_residual(G[d], w_y[d], c, eps ? eps[d] : 0.0f);
-      float prob_dot_dprob = 0.0f;
-      for (int64_t k = 0; k < C; ++k) {
-        dprobs[k] = dot(G, w + k * D, D);
-        prob_dot_dprob += probs[k] * dprobs[k];
-      }
-      for (int64_t k = 0; k < C; ++k) gx[row * C + k] = readout_backward(probs[k], dprobs[k], prob_dot_dprob, softmax);
+      readout_grad_row(probs, G, w, C, D, softmax, dprobs.data(), gx + row * C);
       if (!gW_part) continue;
-      for (int64_t k = 0; k < C; ++k) {
-        const float coef = probs[k] - (k == label ? 1.0f : 0.0f);
-        float* acc = gW_part + k * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += coef * G[d];
-      }
+      probs[label] -= 1.0f;  // the W-gradient coefficients probs - onehot(y)
+      add_outer_row(probs, G, C, D, gW_part);
     }
   });
   return {glogits, gW};
@@ -438,6 +451,62 @@ at::Tensor latent_update_cpu(const at::Tensor& logits, const at::Tensor& W, cons
     }
   });
   return z_new;
+}
+
+// From g = grad [N, D]: gz = q g; gp[n] = <g[n], u_hat[n]>, gq[n] = <g[n], z[n]>, gr[n] = <g[n], eps[n]>
+// (eps regenerated); G = p g = d loss / d u_hat, dprobs = G W^T, glogits = readout_backward(dprobs);
+// gW = sum_rows probs^T G. Unneeded gradients come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_update_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& z, const at::Tensor& p,
+    const at::Tensor& q, const at::Tensor& r, const at::Tensor& seed, bool softmax, bool needs_logits, bool needs_W,
+    bool needs_z, bool needs_p, bool needs_q, bool needs_r) {
+  const char* op = "latent_update_backward";
+  const RowSizes s = check_latent_update(op, logits, W, z, p, q, r, seed);
+  check_tensor(op, "grad", grad, z.scalar_type(), {s.N, s.D}, z.device());
+  at::Tensor glogits = needs_logits ? at::empty_like(logits) : logits.new_empty({0});
+  at::Tensor gW = needs_W ? at::empty_like(W) : W.new_empty({0});
+  at::Tensor gz = needs_z ? at::empty_like(z) : z.new_empty({0});
+  at::Tensor gp = needs_p ? at::empty_like(p) : p.new_empty({0});
+  at::Tensor gq = needs_q ? at::empty_like(q) : q.new_empty({0});
+  at::Tensor gr = needs_r ? at::empty_like(r) : r.new_empty({0});
+  const PhiloxKey key = key_of(seed);
+  const float *g = grad.data_ptr<float>(), *x = logits.data_ptr<float>(), *w = W.data_ptr<float>();
+  const float *zin = z.data_ptr<float>(), *pp = p.data_ptr<float>(), *pq = q.data_ptr<float>();
+  float* gx = needs_logits ? glogits.data_ptr<float>() : nullptr;
+  float* out_z = needs_z ? gz.data_ptr<float>() : nullptr;
+  float* out_p = needs_p ? gp.data_ptr<float>() : nullptr;
+  float* out_q = needs_q ? gq.data_ptr<float>() : nullptr;
+  float* out_r = needs_r ? gr.data_ptr<float>() : nullptr;
+  const bool needs_probs = needs_logits || needs_W || needs_p;
+  const bool needs_G = needs_logits || needs_W;
+  const int64_t C = s.C, D = s.D;
+  const at::Tensor gW_sum = needs_W ? gW : at::Tensor();
+  for_row_chunks(s.N, rows_per_task(C * D), gW_sum, [&](int64_t first, int64_t last, float* gW_part) {
+    RowScratch scratch(C, D, needs_r);
+    std::vector<float> G(needs_G ? D : 0), dprobs(needs_logits ? C : 0);
+    float* probs = scratch.probs.data();
+    for (int64_t row = first; row < last; ++row) {
+      const float* g_row = g + row * D;
+      if (needs_probs) readout_row(x + row * C, C, softmax, probs);
+      if (out_z) {
+        for (int64_t d = 0; d < D; ++d) out_z[row * D + d] = latent_step_grad_z(pq[row], g_row[d]);
+      }
+      if (out_p) {
+        mix_embeddings(probs, w, C, D, scratch.u_hat.data());
+        out_p[row] = dot(g_row, scratch.u_hat.data(), D);
+      }
+      if (out_q) out_q[row] = dot(g_row, zin + row * D, D);
+      if (out_r) {
+        fill_normals(key, static_cast<uint64_t>(row * D), D, scratch.eps.data());
+        out_r[row] = dot(g_row, scratch.eps.data(), D);
+      }
+      if (!needs_G) continue;
+      for (int64_t d = 0; d < D; ++d) G[d] = latent_step_grad_u_hat(pp[row], g_row[d]);
+      if (gx) readout_grad_row(probs, G.data(), w, C, D, softmax, dprobs.data(), gx + row * C);
+      if (gW_part) add_outer_row(probs, G.data(), C, D, gW_part);
+    }
+  });
+  return {glogits, gW, gz, gp, gq, gr};
 }
 
 // Test hook: the first two Philox words of each counter (int64 in [0, 2**32)), so tests can compare
@@ -476,6 +545,10 @@ TORCH_LIBRARY(noprop_ext, m) {
   m.def(
       "latent_update(Tensor logits, Tensor W, Tensor z, Tensor p, Tensor q, Tensor r, Tensor seed, bool softmax) "
       "-> Tensor");
+  m.def(
+      "latent_update_backward(Tensor grad, Tensor logits, Tensor W, Tensor z, Tensor p, Tensor q, Tensor r, "
+      "Tensor seed, bool softmax, bool needs_logits, bool needs_W, bool needs_z, bool needs_p, bool needs_q, "
+      "bool needs_r) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("philox_words(Tensor seed, Tensor counter) -> (Tensor, Tensor)");
 }
 
@@ -486,6 +559,7 @@ TORCH_LIBRARY_IMPL(noprop_ext, CPU, m) {
   m.impl("denoising_loss_forward", &denoising_loss_forward_cpu);
   m.impl("denoising_loss_backward", &denoising_loss_backward_cpu);
   m.impl("latent_update", &latent_update_cpu);
+  m.impl("latent_update_backward", &latent_update_backward_cpu);
   m.impl("philox_words", &philox_words_cpu);
 }
 

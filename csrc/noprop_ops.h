@@ -35,7 +35,8 @@ BlockSizes check_denoising_loss(const char* op, const at::Tensor& logits, const 
                                 const at::Tensor& weight, const std::optional<at::Tensor>& noise_coef,
                                 const std::optional<at::Tensor>& seed);
 
-// latent_update: logits [N, C], W [C, D], z [N, D], p, q, r [N].
+// latent_update and latent_update_backward: logits [N, C], W [C, D], z [N, D], p, q, r [N] (the
+// backward also checks its upstream gradient grad [N, D], in z's dtype, with check_tensor).
 RowSizes check_latent_update(const char* op, const at::Tensor& logits, const at::Tensor& W, const at::Tensor& z,
                              const at::Tensor& p, const at::Tensor& q, const at::Tensor& r, const at::Tensor& seed);
 
