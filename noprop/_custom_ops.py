@@ -12,6 +12,7 @@ coefficients as float32 ``[T, B]`` or ``[N]``, seeds as int64 ``[1]`` on the dat
 ``denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout)``  ``(loss [], row_sq_error [T, B])``
 ``denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout, needs_W)``  ``(glogits [T, B, C], gW [C, D])``
 ``latent_update(logits, W, z, p, q, r, seed, readout)``  ``z_new [N, D]``
+``latent_update_backward(grad, logits, W, z, p, q, r, seed, readout, needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r)``  ``(glogits [N, C], gW [C, D], gz [N, D], gp [N], gq [N], gr [N])``; an unneeded gradient may be an empty tensor
 ========================================  ====================================================
 
 ``noprop::stacked_linear`` (``y[t] = act(x[t] @ W[t] + b[t])``, :func:`noprop.ops.stacked_linear`)
@@ -19,7 +20,8 @@ has a Triton implementation only and no backend argument: :mod:`noprop.kernels.b
 
 ``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2``, the per-row error the forward saves so
 the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
-``T * B * D`` is saved for the backward: the noise is regenerated from the seed.
+``T * B * D`` is saved for the backward: the noise is regenerated from the seed. ``latent_update``
+saves its inputs only.
 
 The annotations stay real objects (no ``from __future__ import annotations``): ``custom_op``
 infers each schema from them, and older torch releases (2.4) may not resolve string annotations.
@@ -197,13 +199,71 @@ denoising_loss.register_autograd(_denoising_loss_grad, setup_context=_denoising_
 def latent_update(
     logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str, backend: str
 ) -> Tensor:
-    """``z_new = p readout(logits) @ W + q z + r eps`` on a fused backend (inference only)."""
+    """``z_new = p readout(logits) @ W + q z + r eps`` on a fused backend (see :func:`noprop.ops.latent_update`)."""
     return _backend_module(backend).latent_update(logits, W, z, p, q, r, seed, readout)
 
 
 @latent_update.register_fake
 def _latent_update_fake(logits, W, z, p, q, r, seed, readout, backend):
     return torch.empty_like(z)
+
+
+@torch.library.custom_op("noprop::latent_update_backward", mutates_args=())
+def latent_update_backward(
+    grad: Tensor,
+    logits: Tensor,
+    W: Tensor,
+    z: Tensor,
+    p: Tensor,
+    q: Tensor,
+    r: Tensor,
+    seed: Tensor,
+    readout: str,
+    backend: str,
+    needs_logits: bool,
+    needs_W: bool,
+    needs_z: bool,
+    needs_p: bool,
+    needs_q: bool,
+    needs_r: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`latent_update` for ``logits, W, z, p, q, r``, regenerating the noise."""
+    glogits, gW, gz, gp, gq, gr = _backend_module(backend).latent_update_backward(
+        grad, logits, W, z, p, q, r, seed, readout, needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r
+    )
+    return glogits, gW, gz, gp, gq, gr
+
+
+@latent_update_backward.register_fake
+def _latent_update_backward_fake(
+    grad, logits, W, z, p, q, r, seed, readout, backend, needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r
+):
+    return (
+        _empty_if(needs_logits, logits),
+        _empty_if(needs_W, W),
+        _empty_if(needs_z, z),
+        _empty_if(needs_p, p),
+        _empty_if(needs_q, q),
+        _empty_if(needs_r, r),
+    )
+
+
+def _latent_update_setup(ctx, inputs, output) -> None:
+    logits, W, z, p, q, r, seed, readout, backend = inputs
+    ctx.save_for_backward(logits, W, z, p, q, r, seed)
+    ctx.readout = readout
+    ctx.backend = backend
+
+
+def _latent_update_grad(ctx, grad: Tensor):
+    needs = ctx.needs_input_grad[:6]  # logits, W, z, p, q, r
+    grads = (None,) * 6
+    if any(needs):
+        grads = latent_update_backward(grad.contiguous(), *ctx.saved_tensors, ctx.readout, ctx.backend, *needs)
+    return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None)
+
+
+latent_update.register_autograd(_latent_update_grad, setup_context=_latent_update_setup)
 
 
 # ---------------------------------------------------------------------------------------------- stacked_linear

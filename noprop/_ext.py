@@ -82,3 +82,26 @@ def latent_update(
 ) -> Tensor:
     """``z_new [N, D] = p readout(logits) @ W + q z + r eps``."""
     return _ops().latent_update(logits, W, z, p, q, r, seed, readout == "softmax")
+
+
+def latent_update_backward(
+    grad: Tensor,
+    logits: Tensor,
+    W: Tensor,
+    z: Tensor,
+    p: Tensor,
+    q: Tensor,
+    r: Tensor,
+    seed: Tensor,
+    readout: str,
+    needs_logits: bool,
+    needs_W: bool,
+    needs_z: bool,
+    needs_p: bool,
+    needs_q: bool,
+    needs_r: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(glogits [N, C], gW [C, D], gz [N, D], gp, gq, gr [N])`` of :func:`latent_update`; unneeded ones are empty."""
+    return _ops().latent_update_backward(
+        grad, logits, W, z, p, q, r, seed, readout == "softmax", needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r
+    )

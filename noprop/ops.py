@@ -4,7 +4,8 @@ Three op families cover NoProp's training and inference (DESIGN section 3):
 
 * :func:`noised_latents`: ``z[t, i] = a[t, i] * W[y_i] + b[t, i] * eps[t, i]``;
 * :func:`denoising_loss`: ``sum_{t,i} w[t, i] * ||readout(logits[t, i]) @ W - W[y_i] - c[t, i] eps[t, i]||^2 / B``;
-* :func:`latent_update`: ``z_new = p * readout(logits) @ W + q * z + r * eps``;
+* :func:`latent_update`: ``z_new = p * readout(logits) @ W + q * z + r * eps`` (inference steps, and
+  the back-propagation baseline's recursion, which trains through it);
 
 plus :func:`normal`, the noise they all draw (``eps`` is a pure function of the seed and the
 element index, see :mod:`noprop.rng`), and :func:`stacked_linear`, the batched fully connected
@@ -379,11 +380,19 @@ def latent_update(
     readout: str = "softmax",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One inference step on the latent: ``z_new = p * readout(logits) @ W + q * z + r * eps``.
+    """One step on the latent: ``z_new = p * readout(logits) @ W + q * z + r * eps``.
 
     DT's Eq. 3 is ``p, q, r = a_t, b_t, sqrt(c_t)``; an Euler step of an ODE
-    ``dz/dt = P u_hat + Q z`` is ``p, q, r = h P, 1 + h Q, 0``. ``eps = normal(seed, z.shape)``.
-    An inference op: the fused backends compute no gradients (use ``backend="reference"`` for them).
+    ``dz/dt = P u_hat + Q z`` is ``p, q, r = h P, 1 + h Q, 0``; the back-propagation baseline's
+    ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t`` is ``p, q, r = alpha_t, 1 - alpha_t, 0``.
+    ``eps = normal(seed, z.shape)``.
+
+    Differentiable in ``logits``, ``W``, ``z``, ``p``, ``q`` and ``r`` on every backend. With
+    ``g = dL/dz_new``, ``s = readout(logits)`` and ``u_hat = s @ W``, per row ``n``:
+    ``dz = q * g``; ``dp = <g, u_hat>``, ``dq = <g, z>``, ``dr = <g, eps>``;
+    ``ds = p * g @ W^T`` and ``dlogits = s * (ds - <s, ds>)`` (softmax) or ``ds`` (linear);
+    ``dW = sum_n p * s^T g``. A float coefficient gets no gradient, a 0-dim tensor the sum over
+    rows. The fused backends save only the inputs and regenerate ``eps`` from the seed.
 
     Args:
         logits: ``[..., C]`` with the same leading shape as ``z``.
@@ -419,11 +428,6 @@ def latent_update(
     flat_logits, flat_z = logits.reshape(N, C), z.reshape(N, D)
     if chosen == "reference":
         return reference.latent_update(flat_logits, W, flat_z, p, q, r, seed_tensor, readout).reshape(z.shape)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (logits, W, z, p, q, r)):
-        raise ValueError(
-            f"latent_update: backend {chosen!r} is inference-only and computes no gradients; "
-            "run it under torch.no_grad() or use backend='reference'"
-        )
     from noprop import _custom_ops
 
     z_new = _custom_ops.latent_update(

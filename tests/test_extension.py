@@ -21,7 +21,7 @@ from noprop import _ext, rng
 _MODULE, _WHY = _ext.load()
 pytestmark = pytest.mark.skipif(_MODULE is None, reason=f"noprop._C is not built: {_WHY}")
 OPS = ("normal", "noised_latents_forward", "noised_latents_backward", "denoising_loss_forward",
-       "denoising_loss_backward", "latent_update", "philox_words")
+       "denoising_loss_backward", "latent_update", "latent_update_backward", "philox_words")
 
 
 def ext():
@@ -33,7 +33,8 @@ def seed_tensor(seed: int, device="cpu") -> torch.Tensor:
 
 
 def block_inputs(T, B, C, D, device="cpu", seed=0):
-    """Normalised inputs of the training ops: W [C, D], y [B], a, b, weight, noise_coef [T, B], logits [T, B, C]."""
+    """Normalised inputs of the training ops: W [C, D], y [B], a, b, weight, noise_coef [T, B], logits [T, B, C],
+    and upstream gradients grad_z, grad_z_new [T, B, D]."""
     g = torch.Generator().manual_seed(seed)
     inputs = dict(
         W=torch.randn(C, D, generator=g),
@@ -44,6 +45,7 @@ def block_inputs(T, B, C, D, device="cpu", seed=0):
         noise_coef=torch.randn(T, B, generator=g),
         logits=3 * torch.randn(T, B, C, generator=g),
         grad_z=torch.randn(T, B, D, generator=g),
+        grad_z_new=torch.randn(T, B, D, generator=g),
     )
     return {k: v.to(device) for k, v in inputs.items()}
 
@@ -112,14 +114,17 @@ def _valid_arguments() -> dict[str, dict]:
     common = dict(W=x["W"], y=x["y"])
     loss = dict(logits=x["logits"], **common, weight=x["weight"], noise_coef=None, seed=None, softmax=True)
     flags = dict(needs_W=True, needs_a=True, needs_b=True)
+    update = dict(logits=x["logits"][0], W=x["W"], z=torch.zeros(3, 5), p=torch.ones(3), q=torch.ones(3),
+                  r=torch.ones(3), seed=s)
     return {
         "normal": dict(seed=s, shape=[3], offset=0),
         "noised_latents_forward": dict(**common, a=x["a"], b=x["b"], seed=s),
         "noised_latents_backward": dict(grad_z=x["grad_z"], **common, a=x["a"], b=x["b"], seed=s, **flags),
         "denoising_loss_forward": loss,
         "denoising_loss_backward": dict(grad_loss=torch.tensor(1.0), **loss, needs_W=True),
-        "latent_update": dict(logits=x["logits"][0], W=x["W"], z=torch.zeros(3, 5), p=torch.ones(3), q=torch.ones(3),
-                              r=torch.ones(3), seed=s, softmax=True),
+        "latent_update": dict(update, softmax=True),
+        "latent_update_backward": dict(grad=x["grad_z_new"][0], **update, softmax=True, needs_logits=True, needs_W=True,
+                                       needs_z=True, needs_p=True, needs_q=True, needs_r=True),
     }
 
 
@@ -140,6 +145,14 @@ BAD_ARGUMENTS = [
     ("denoising_loss_backward", "grad_loss", lambda g: g.reshape(1), r"grad_loss: expected shape \[\]"),
     ("latent_update", "z", lambda z: z.double(), "z: expected dtype float32"),
     ("latent_update", "p", lambda p: p[:2], r"p: expected shape \[3\]"),
+    ("latent_update_backward", "grad", lambda g: g[:, :4].contiguous(), r"latent_update_backward: grad: expected shape \[3, 5\]"),
+    ("latent_update_backward", "grad", lambda g: g.double(), "latent_update_backward: grad: expected dtype float32"),
+    ("latent_update_backward", "logits", lambda x: x[:2].contiguous(), r"latent_update_backward: logits: expected shape \[3, 4\]"),
+    ("latent_update_backward", "W", lambda W: W.t(), "latent_update_backward: W: expected a contiguous tensor"),
+    ("latent_update_backward", "z", lambda z: z[:, :4].contiguous(), r"latent_update_backward: z: expected shape \[N, 5\]"),
+    ("latent_update_backward", "q", lambda q: q.double(), "latent_update_backward: q: expected dtype float32"),
+    ("latent_update_backward", "r", lambda r: r[:1], r"latent_update_backward: r: expected shape \[3\]"),
+    ("latent_update_backward", "seed", lambda s: s.float(), "latent_update_backward: seed: expected dtype int64"),
     ("normal", "offset", lambda _: -1, "offset: expected an int >= 0"),
 ]
 
@@ -165,6 +178,9 @@ def test_unneeded_gradients_come_back_empty():
         torch.tensor(1.0), x["logits"], x["W"], x["y"], x["weight"], None, None, True, False
     )
     assert gW.numel() == 0 and glogits.shape == x["logits"].shape
+    update = (x["grad_z_new"][0], x["logits"][0], x["W"], x["grad_z"][0], x["a"][0], x["b"][0], x["noise_coef"][0], s, True)
+    glogits, gW, gz, gp, gq, gr = ext().latent_update_backward(*update, False, True, False, True, False, False)
+    assert gW.shape == (4, 5) and gp.shape == (3,) and all(t.numel() == 0 for t in (glogits, gz, gq, gr))
 
 
 def test_gradients_are_deterministic():
@@ -175,6 +191,11 @@ def test_gradients_are_deterministic():
     assert all(torch.equal(u, v) for u, v in zip(first, second))
     nl_args = (x["grad_z"], x["W"], x["y"], x["a"], x["b"], s, True, True, True)
     first, second = ext().noised_latents_backward(*nl_args), ext().noised_latents_backward(*nl_args)
+    assert all(torch.equal(u, v) for u, v in zip(first, second))
+    N = 4 * 33
+    lu_args = (x["grad_z_new"].reshape(N, 50), x["logits"].reshape(N, 10), x["W"], x["grad_z"].reshape(N, 50),
+               x["a"].reshape(N), x["b"].reshape(N), x["noise_coef"].reshape(N), s, True, *(True,) * 6)
+    first, second = ext().latent_update_backward(*lu_args), ext().latent_update_backward(*lu_args)
     assert all(torch.equal(u, v) for u, v in zip(first, second))
 
 
@@ -202,7 +223,7 @@ def _run_all_ops(x, device, softmax, noisy):
     """Every op on the inputs ``x`` moved to ``device``; returns the outputs in float32 on the CPU.
 
     Order: normal, z, (gW, ga, gb) of noised_latents, (loss, row_sq_error), (glogits, gW) of the
-    loss, latent_update.
+    loss, latent_update, (glogits, gW, gz, gp, gq, gr) of latent_update.
     """
     x = {k: v.to(device) for k, v in x.items()}
     s = seed_tensor(11, device)
@@ -219,6 +240,9 @@ def _run_all_ops(x, device, softmax, noisy):
     z = x["grad_z"].reshape(N, -1)
     p, q, r = x["a"].reshape(N), x["b"].reshape(N), x["noise_coef"].reshape(N)
     outputs.append(ext().latent_update(x["logits"].reshape(N, C), W, z, p, q, r, s, softmax))
+    outputs += ext().latent_update_backward(
+        x["grad_z_new"].reshape(N, -1), x["logits"].reshape(N, C), W, z, p, q, r, s, softmax, *(True,) * 6
+    )
     return [t.float().cpu() for t in outputs]
 
 
@@ -260,7 +284,7 @@ def test_cuda_half_precision_logits_and_latents(dtype):
     half = dict(x, logits=x["logits"].to(dtype))
     expected = _run_all_ops(dict(x, logits=half["logits"].float()), "cpu", True, True)
     actual = _run_all_ops(half, "cuda", True, True)
-    for index in (5, 6, 7, 8):  # loss, row_sq_error, glogits, gW
+    for index in (5, 6, 7, 8, *range(10, 16)):  # loss, row_sq_error, glogits, gW; latent_update's gradients
         assert_close(actual[index], expected[index], dtype=dtype, msg=f"output {index}")
     x = {k: v.cuda() for k, v in half.items()}
     glogits, _ = ext().denoising_loss_backward(
@@ -270,6 +294,11 @@ def test_cuda_half_precision_logits_and_latents(dtype):
     z, coef = x["grad_z"].reshape(256, 20).to(dtype), torch.rand(256, device="cuda")
     z_new = ext().latent_update(x["logits"].reshape(256, 10), x["W"], z, coef, coef, coef, seed_tensor(1, "cuda"), True)
     assert z_new.dtype == dtype and z_new.shape == z.shape
+    glogits, gW, gz, *_ = ext().latent_update_backward(
+        z_new, x["logits"].reshape(256, 10), x["W"].to(dtype), z, coef, coef, coef, seed_tensor(1, "cuda"), True,
+        *(True,) * 6
+    )
+    assert glogits.dtype == gW.dtype == gz.dtype == dtype and gz.shape == z.shape
 
 
 @pytest.mark.gpu
@@ -279,7 +308,7 @@ def test_cuda_W_gradient_when_partial_sums_exceed_shared_memory():
     x = block_inputs(2, 9, 64, 4096)
     expected = _run_all_ops(x, "cpu", True, False)
     actual = _run_all_ops(x, "cuda", True, False)
-    for index in (2, 8):  # gW of noised_latents_backward and denoising_loss_backward
+    for index in (2, 8, 11):  # gW of noised_latents_backward, denoising_loss_backward and latent_update_backward
         assert_close(actual[index], expected[index], msg=f"output {index}")
 
 

@@ -24,7 +24,8 @@ def _triton_runs_here():
 
 
 def _compare_all_ops(T: int, B: int, C: int, D: int, seed: int = 0, device: str = DEVICE) -> None:
-    """Every fused op against the reference, values and gradients, with per-example coefficients."""
+    """Every fused op against the reference, values and gradients, with per-example coefficients
+    (the latent update on all ``T * B`` rows)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -32,7 +33,7 @@ def _compare_all_ops(T: int, B: int, C: int, D: int, seed: int = 0, device: str 
 
     W, a, b, logits = rand(C, D), rand(T, B).abs(), rand(T, B).abs(), rand(T, B, C, scale=3.0)
     weight, noise_coef, upstream = rand(T, B).abs() + 0.1, rand(T, B), rand(T, B, D)
-    z, p, q = rand(B, D), rand(B), rand(B)
+    z, p, q, r = rand(T, B, D), rand(T, B), rand(T, B), rand(T, B)
     y = torch.randint(0, C, (B,), generator=g).to(device)
     results = {}
     for name in ("reference", "triton"):
@@ -46,7 +47,9 @@ def _compare_all_ops(T: int, B: int, C: int, D: int, seed: int = 0, device: str 
                 return_row_errors=True,
             )
             out += [loss.detach(), rows, *torch.autograd.grad(loss, leaves, torch.tensor(0.7, device=device))]
-            out.append(ops.latent_update(logits[0], W, z, p, q, 0.3, 8, readout=readout, backend=name))
+            leaves = [t.clone().requires_grad_() for t in (logits, W, z, p, q, r)]
+            z_new = ops.latent_update(*leaves, 8, readout=readout, backend=name)
+            out += [z_new.detach(), *torch.autograd.grad(z_new, leaves, upstream)]
         results[name] = out
     for index, (expected, actual) in enumerate(zip(results["reference"], results["triton"])):
         assert actual.shape == expected.shape, index
@@ -70,7 +73,7 @@ def test_column_chunks_pad_little():
 def test_row_tiling_respects_its_budgets(num_rows, num_classes, dim):
     from noprop.kernels import _common
 
-    for budget in (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE):
+    for budget in (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE, _common.LATENT_UPDATE_BACKWARD_TILE):
         tiling = _common.row_tiling(num_rows, num_classes, dim, budget)
         assert tiling.block_classes >= max(16, num_classes)
         assert tiling.block_classes * tiling.block_cols <= _common.DOT_OPERAND_ELEMENTS
@@ -106,7 +109,8 @@ def test_programs_that_loop_over_several_tiles_and_all_steps(monkeypatch):
     monkeypatch.setattr(_common, "MAX_PROGRAMS", 1)
     monkeypatch.setattr(_common, "FILL_PROGRAMS", 1)
     T, B, C, D = 3, 100, 10, 20
-    for rows, budget in ((T * B, _common.LOSS_FORWARD_TILE), (T * B, _common.LOSS_BACKWARD_TILE), (B, _common.LATENT_UPDATE_TILE)):
+    rows = T * B  # every kernel here, the latent update included, runs on all T * B rows
+    for budget in (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE, _common.LATENT_UPDATE_BACKWARD_TILE):
         tiling = _common.row_tiling(rows, C, D, budget)
         assert tiling.tiles_per_program > 1 and tiling.single_chunk
         assert tiling.num_programs * tiling.tiles_per_program * tiling.block_rows > rows  # a ragged last tile
@@ -144,6 +148,12 @@ def test_half_precision_inputs(dtype):
     assert z_new.dtype == dtype
     expected = reference.latent_update(logits[0].float(), W_half.float(), z[0].float(), weight[0], weight[0], weight[0], seed, "linear")
     assert_close(z_new, expected, dtype)
+    grads = kernels.latent_update_backward(z_new, logits[0], W_half, z[0], weight[0], weight[1], weight[2], seed, "softmax", *(True,) * 6)
+    leaves = [t.float().requires_grad_() for t in (logits[0], W_half, z[0], weight[0], weight[1], weight[2])]
+    expected = torch.autograd.grad(reference.latent_update(*leaves, seed, "softmax"), leaves, z_new.float())
+    assert [t.dtype for t in grads] == [dtype] * 3 + [torch.float32] * 3
+    for actual, wanted in zip(grads, expected):
+        assert_close(actual, wanted, dtype)
 
 
 def test_unneeded_gradients_are_empty():
@@ -158,6 +168,9 @@ def test_unneeded_gradients_are_empty():
     logits = torch.randn(T, B, C, device=DEVICE)
     glogits, gW = kernels.denoising_loss_backward(torch.tensor(1.0, device=DEVICE), logits, W, y, a, None, None, "softmax", False)
     assert glogits.shape == logits.shape and gW.numel() == 0
+    z, row = torch.randn(B, D, device=DEVICE), a[0]
+    glogits, gW, gz, gp, gq, gr = kernels.latent_update_backward(z, logits[0], W, z, row, row, row, seed, "linear", False, True, False, False, True, False)
+    assert gW.shape == (C, D) and gq.shape == (B,) and all(t.numel() == 0 for t in (glogits, gz, gp, gr))
 
 
 def test_normal_counters_past_2_to_the_40():
