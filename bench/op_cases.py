@@ -17,6 +17,9 @@ case                     passes  call
                          bwd     bwd = grads for ``logits, W, weight``
 ``latent_update``        fwd     one DT inference step on ``z [B, D]``: ``latent_update(logits [B, C],
                                  W, z, p, q, r, seed)``, 0-dim ``p, q, r``, under ``torch.no_grad()``
+``latent_update[BP]``    fwd,    one step of the back-propagation baseline on ``z [B, D]``:
+                         bwd     ``latent_update(logits [B, C], W, z, alpha, 1 - alpha, 0, seed)``, 0-dim
+                                 ``alpha``; bwd = grads for ``logits, W, z, alpha``
 =======================  ======  ===============================================================
 
 Inputs that training differentiates have ``requires_grad`` set, so the forward pass records the
@@ -157,6 +160,13 @@ def _latent_update_setup(shape: Shape, backend: str, device: torch.device):
     return forward, ()
 
 
+def _latent_update_bp_setup(shape: Shape, backend: str, device: torch.device):
+    x = _random(shape, device)
+    logits, W, z = _grad_leaves(x, ("step_logits", "W", "z"))
+    alpha = x["pqr"][0].clone().requires_grad_()
+    return (lambda: ops.latent_update(logits, W, z, alpha, 1 - alpha, 0.0, x["seed"], backend=backend)), (logits, W, z, alpha)
+
+
 # ---------------------------------------------------------------------------------------------- bytes
 
 
@@ -192,6 +202,13 @@ def _latent_update_bytes(s: Shape) -> dict[str, int]:
     return {"fwd": F32 * (s.B * s.C + s.C * s.D + s.B * s.D + 3 + s.B * s.D) + I64}
 
 
+def _latent_update_bp_bytes(s: Shape) -> dict[str, int]:
+    """fwd (one step on B rows, no noise): read ``logits [B, C], W, z [B, D], alpha``, write ``z_new [B, D]``.
+    bwd: read ``grad_z_new [B, D], logits, W, z, alpha``, write ``glogits [B, C], gW, gz [B, D], galpha``."""
+    BC, CD, BD = s.B * s.C, s.C * s.D, s.B * s.D
+    return {"fwd": F32 * (BC + CD + BD + 1 + BD), "bwd": F32 * (BD + BC + CD + BD + 1) + F32 * (BC + CD + BD + 1)}
+
+
 # ---------------------------------------------------------------------------------------------- cases
 
 
@@ -217,6 +234,7 @@ CASES = (
     OpCase("denoising_loss[DT]", "denoising_loss", "DT", PASSES, _loss_dt_setup, lambda s: _loss_bytes(s, False)),
     OpCase("denoising_loss[FM]", "denoising_loss", "FM", PASSES, _loss_fm_setup, lambda s: _loss_bytes(s, True)),
     OpCase("latent_update", "latent_update", "", ("fwd",), _latent_update_setup, _latent_update_bytes),
+    OpCase("latent_update[BP]", "latent_update", "BP", PASSES, _latent_update_bp_setup, _latent_update_bp_bytes),
 )
 CASE_PASSES = tuple((case, pass_) for case in CASES for pass_ in case.passes)
 
