@@ -164,7 +164,11 @@ def _latent_update_bp_setup(shape: Shape, backend: str, device: torch.device):
     x = _random(shape, device)
     logits, W, z = _grad_leaves(x, ("step_logits", "W", "z"))
     alpha = x["pqr"][0].clone().requires_grad_()
-    return (lambda: ops.latent_update(logits, W, z, alpha, 1 - alpha, 0.0, x["seed"], backend=backend)), (logits, W, z, alpha)
+
+    def forward():
+        return ops.latent_update(logits, W, z, alpha, 1 - alpha, 0.0, x["seed"], backend=backend)
+
+    return forward, (logits, W, z, alpha)
 
 
 # ---------------------------------------------------------------------------------------------- bytes

@@ -102,6 +102,5 @@ def latent_update_backward(
     needs_r: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(glogits [N, C], gW [C, D], gz [N, D], gp, gq, gr [N])`` of :func:`latent_update`; unneeded ones are empty."""
-    return _ops().latent_update_backward(
-        grad, logits, W, z, p, q, r, seed, readout == "softmax", needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r
-    )
+    needs = (needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r)
+    return _ops().latent_update_backward(grad, logits, W, z, p, q, r, seed, readout == "softmax", *needs)

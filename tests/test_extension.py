@@ -145,11 +145,14 @@ BAD_ARGUMENTS = [
     ("denoising_loss_backward", "grad_loss", lambda g: g.reshape(1), r"grad_loss: expected shape \[\]"),
     ("latent_update", "z", lambda z: z.double(), "z: expected dtype float32"),
     ("latent_update", "p", lambda p: p[:2], r"p: expected shape \[3\]"),
-    ("latent_update_backward", "grad", lambda g: g[:, :4].contiguous(), r"latent_update_backward: grad: expected shape \[3, 5\]"),
+    ("latent_update_backward", "grad", lambda g: g[:, :4].contiguous(),
+     r"latent_update_backward: grad: expected shape \[3, 5\]"),
     ("latent_update_backward", "grad", lambda g: g.double(), "latent_update_backward: grad: expected dtype float32"),
-    ("latent_update_backward", "logits", lambda x: x[:2].contiguous(), r"latent_update_backward: logits: expected shape \[3, 4\]"),
+    ("latent_update_backward", "logits", lambda x: x[:2].contiguous(),
+     r"latent_update_backward: logits: expected shape \[3, 4\]"),
     ("latent_update_backward", "W", lambda W: W.t(), "latent_update_backward: W: expected a contiguous tensor"),
-    ("latent_update_backward", "z", lambda z: z[:, :4].contiguous(), r"latent_update_backward: z: expected shape \[N, 5\]"),
+    ("latent_update_backward", "z", lambda z: z[:, :4].contiguous(),
+     r"latent_update_backward: z: expected shape \[N, 5\]"),
     ("latent_update_backward", "q", lambda q: q.double(), "latent_update_backward: q: expected dtype float32"),
     ("latent_update_backward", "r", lambda r: r[:1], r"latent_update_backward: r: expected shape \[3\]"),
     ("latent_update_backward", "seed", lambda s: s.float(), "latent_update_backward: seed: expected dtype int64"),
@@ -178,7 +181,8 @@ def test_unneeded_gradients_come_back_empty():
         torch.tensor(1.0), x["logits"], x["W"], x["y"], x["weight"], None, None, True, False
     )
     assert gW.numel() == 0 and glogits.shape == x["logits"].shape
-    update = (x["grad_z_new"][0], x["logits"][0], x["W"], x["grad_z"][0], x["a"][0], x["b"][0], x["noise_coef"][0], s, True)
+    update = (x["grad_z_new"][0], x["logits"][0], x["W"], x["grad_z"][0], x["a"][0], x["b"][0], x["noise_coef"][0], s,
+              True)
     glogits, gW, gz, gp, gq, gr = ext().latent_update_backward(*update, False, True, False, True, False, False)
     assert gW.shape == (4, 5) and gp.shape == (3,) and all(t.numel() == 0 for t in (glogits, gz, gq, gr))
 

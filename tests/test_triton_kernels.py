@@ -18,6 +18,14 @@ from noprop import ops, reference, rng
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _row_tile_budgets() -> tuple[int, ...]:
+    """The tile budgets of the row-tiled kernels (denoising loss, latent update; forward and backward)."""
+    from noprop.kernels import _common
+
+    return (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE,
+            _common.LATENT_UPDATE_BACKWARD_TILE)
+
+
 @pytest.fixture(autouse=True)
 def _triton_runs_here():
     fused_backend_or_skip("triton", DEVICE)
@@ -73,7 +81,7 @@ def test_column_chunks_pad_little():
 def test_row_tiling_respects_its_budgets(num_rows, num_classes, dim):
     from noprop.kernels import _common
 
-    for budget in (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE, _common.LATENT_UPDATE_BACKWARD_TILE):
+    for budget in _row_tile_budgets():
         tiling = _common.row_tiling(num_rows, num_classes, dim, budget)
         assert tiling.block_classes >= max(16, num_classes)
         assert tiling.block_classes * tiling.block_cols <= _common.DOT_OPERAND_ELEMENTS
@@ -110,7 +118,7 @@ def test_programs_that_loop_over_several_tiles_and_all_steps(monkeypatch):
     monkeypatch.setattr(_common, "FILL_PROGRAMS", 1)
     T, B, C, D = 3, 100, 10, 20
     rows = T * B  # every kernel here, the latent update included, runs on all T * B rows
-    for budget in (_common.LOSS_FORWARD_TILE, _common.LOSS_BACKWARD_TILE, _common.LATENT_UPDATE_TILE, _common.LATENT_UPDATE_BACKWARD_TILE):
+    for budget in _row_tile_budgets():
         tiling = _common.row_tiling(rows, C, D, budget)
         assert tiling.tiles_per_program > 1 and tiling.single_chunk
         assert tiling.num_programs * tiling.tiles_per_program * tiling.block_rows > rows  # a ragged last tile
@@ -148,8 +156,9 @@ def test_half_precision_inputs(dtype):
     assert z_new.dtype == dtype
     expected = reference.latent_update(logits[0].float(), W_half.float(), z[0].float(), weight[0], weight[0], weight[0], seed, "linear")
     assert_close(z_new, expected, dtype)
-    grads = kernels.latent_update_backward(z_new, logits[0], W_half, z[0], weight[0], weight[1], weight[2], seed, "softmax", *(True,) * 6)
-    leaves = [t.float().requires_grad_() for t in (logits[0], W_half, z[0], weight[0], weight[1], weight[2])]
+    coefficients = (weight[0], weight[1], weight[2])
+    grads = kernels.latent_update_backward(z_new, logits[0], W_half, z[0], *coefficients, seed, "softmax", *(True,) * 6)
+    leaves = [t.float().requires_grad_() for t in (logits[0], W_half, z[0], *coefficients)]
     expected = torch.autograd.grad(reference.latent_update(*leaves, seed, "softmax"), leaves, z_new.float())
     assert [t.dtype for t in grads] == [dtype] * 3 + [torch.float32] * 3
     for actual, wanted in zip(grads, expected):
@@ -169,7 +178,8 @@ def test_unneeded_gradients_are_empty():
     glogits, gW = kernels.denoising_loss_backward(torch.tensor(1.0, device=DEVICE), logits, W, y, a, None, None, "softmax", False)
     assert glogits.shape == logits.shape and gW.numel() == 0
     z, row = torch.randn(B, D, device=DEVICE), a[0]
-    glogits, gW, gz, gp, gq, gr = kernels.latent_update_backward(z, logits[0], W, z, row, row, row, seed, "linear", False, True, False, False, True, False)
+    needs = (False, True, False, False, True, False)  # logits, W, z, p, q, r
+    glogits, gW, gz, gp, gq, gr = kernels.latent_update_backward(z, logits[0], W, z, row, row, row, seed, "linear", *needs)
     assert gW.shape == (C, D) and gq.shape == (B,) and all(t.numel() == 0 for t in (glogits, gz, gp, gr))
 
 
