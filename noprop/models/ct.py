@@ -73,7 +73,8 @@ class NoPropCT(TimeConditionedModel):
     ``CE(classifier(z_1), y) + KL(q(z_0 | y) || N(0, I)) + (eta / 2) E[SNR'(t) ||u_hat(z_t, x, t) - u_y||^2]``
 
     with ``u_hat = softmax(block(x, z_t, t)) @ W_embed`` and the learnable schedule of
-    :class:`noprop.schedules.LearnableSchedule` (trained with everything else).
+    :class:`noprop.schedules.LearnableSchedule` (trained with everything else, but without weight
+    decay: :func:`noprop.train.build_optimizer`).
     Inference goes from ``z_0 ~ N(0, I)`` to ``t = 1`` on the grid ``t_k = k / steps`` (paper: 1000
     steps), then applies the classifier. Solvers: ``"ancestral"`` (the default, the paper's
     simulation of the diffusion process: :func:`ancestral_sample`), or ``"euler"``/``"heun"`` on
