@@ -95,8 +95,11 @@ def test_block_chunks_compute_the_unchunked_gradients(chunk):
         totals[k] = step(x, y).total
         grads[k] = [p.grad.clone() for p in model.parameters()]
     torch.testing.assert_close(totals[chunk], totals[None], rtol=1e-5, atol=1e-5)
+    # gradients that are zero in exact arithmetic (a bias before BatchNorm) keep rounding noise of
+    # about 1e-6 of the largest gradient, which depends on the summation order: scale atol by it
+    scale = max(g.abs().max().item() for g in grads[None])
     for g_chunk, g_full in zip(grads[chunk], grads[None]):
-        torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
