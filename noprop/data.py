@@ -260,6 +260,25 @@ def from_uint8(
     )
 
 
+MNIST_TEST_SPLIT_TRAIN = 8000  # images of the MNIST test set used for training in the test-set split
+
+
+def mnist_test_split(folder: str | os.PathLike, train: int = MNIST_TEST_SPLIT_TRAIN) -> ImageDataset:
+    """The real MNIST *test* set (``t10k-*`` IDX files in ``folder``) split for offline learning checks.
+
+    Its first ``train`` images (default 8,000) are the training set and the remaining ones (2,000)
+    the test set, standardised with the training part's statistics. Used where the 60,000 MNIST
+    training images cannot be downloaded (the learning tests, ``bench/accuracy.py``).
+    """
+    directory = pathlib.Path(folder)
+    images = read_idx(directory / "t10k-images-idx3-ubyte.gz").unsqueeze(1)
+    labels = read_idx(directory / "t10k-labels-idx1-ubyte.gz").long()
+    if not 0 < train < images.shape[0]:
+        raise ValueError(f"train: expected a count in (0, {images.shape[0]}), got {train}")
+    arrays = {"train_x": images[:train], "train_y": labels[:train], "test_x": images[train:], "test_y": labels[train:]}
+    return from_uint8("mnist-test-split", "mnist", str(directory), arrays, 10)
+
+
 def default_root() -> pathlib.Path:
     """Where torchvision downloads go: ``$NOPROP_DATA`` or ``~/.cache/noprop/data``."""
     return pathlib.Path(os.environ.get("NOPROP_DATA", pathlib.Path.home() / ".cache" / "noprop" / "data"))

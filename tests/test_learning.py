@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import pytest
 
-from noprop.data import from_uint8, read_idx
+from noprop.data import mnist_test_split
 from noprop.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
-TRAIN, TEST = 8000, 2000
 DT_EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
 def mnist_split(shared_mnist):
-    shared = shared_mnist
-    images = read_idx(shared / "t10k-images-idx3-ubyte.gz").unsqueeze(1)
-    labels = read_idx(shared / "t10k-labels-idx1-ubyte.gz").long()
-    arrays = {"train_x": images[:TRAIN], "train_y": labels[:TRAIN], "test_x": images[TRAIN:], "test_y": labels[TRAIN:]}
-    return from_uint8("mnist-test-split", "mnist", str(shared), arrays, 10)
+    return mnist_test_split(shared_mnist)
 
 
 def _train(tmp_path, dataset, **overrides):
