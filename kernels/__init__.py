@@ -1,13 +1,14 @@
 """Triton kernels of the fused ops (installed as ``noprop.kernels``), one module per op family.
 
-* :mod:`.noise`: :func:`normal`, :func:`noised_latents_forward`, :func:`noised_latents_backward`;
-* :mod:`.loss`: :func:`denoising_loss_forward`, :func:`denoising_loss_backward`;
-* :mod:`.update`: :func:`latent_update`, :func:`latent_update_backward`;
-* :mod:`.bmm`: :func:`stacked_linear_forward`, :func:`stacked_linear_backward` (batched GEMM of T
-  linear layers, bias and activation fused);
+* :mod:`.noised_latents`: :func:`normal`, :func:`noised_latents_forward`, :func:`noised_latents_backward`;
+* :mod:`.denoising_loss`: :func:`denoising_loss_forward`, :func:`denoising_loss_backward`;
+* :mod:`.latent_update`: :func:`latent_update_forward`, :func:`latent_update_backward`;
+* :mod:`.stacked_linear`: :func:`stacked_linear_forward`, :func:`stacked_linear_backward` (batched
+  GEMM of T linear layers, bias fused);
 * :mod:`._common`: tile-size heuristics and the tile helpers the kernels share.
 
-The functions take the normalised inputs of :mod:`noprop._custom_ops` (tensors on one device,
+Together they implement :class:`noprop.backends.KernelImplementation`, the ``triton`` backend.
+The functions take the protocol's normalised inputs (tensors on one device,
 contiguous except for the stacked-linear ones, which read any strides; float32 ``[T, B]`` or
 ``[N]`` coefficients, int64 labels, the seed as an int64 ``[1]`` tensor that the kernels read on
 the device) and launch without reading tensor values on the host,
@@ -21,10 +22,10 @@ import os
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-from .bmm import stacked_linear_backward, stacked_linear_forward  # noqa: E402
-from .loss import denoising_loss_backward, denoising_loss_forward  # noqa: E402
-from .noise import noised_latents_backward, noised_latents_forward, normal  # noqa: E402
-from .update import latent_update, latent_update_backward  # noqa: E402
+from .denoising_loss import denoising_loss_backward, denoising_loss_forward  # noqa: E402
+from .latent_update import latent_update_backward, latent_update_forward  # noqa: E402
+from .noised_latents import noised_latents_backward, noised_latents_forward, normal  # noqa: E402
+from .stacked_linear import stacked_linear_backward, stacked_linear_forward  # noqa: E402
 
 __all__ = [
     "INTERPRETER",
@@ -33,7 +34,7 @@ __all__ = [
     "noised_latents_backward",
     "denoising_loss_forward",
     "denoising_loss_backward",
-    "latent_update",
+    "latent_update_forward",
     "latent_update_backward",
     "stacked_linear_forward",
     "stacked_linear_backward",

@@ -1,27 +1,15 @@
 """``torch.library`` registration of the fused ops (``noprop::*``) with fake kernels and autograd.
 
-Every op takes the name of a fused backend (``"triton"`` or ``"cuda"``) as its last argument and
-forwards to that backend's implementation module, :mod:`noprop.kernels` or :mod:`noprop._ext`.
-Both modules expose the same functions with the same normalised inputs (contiguous tensors,
-coefficients as float32 ``[T, B]`` or ``[N]``, seeds as int64 ``[1]`` on the data's device):
+Every op takes the name of a ``kind="kernels"`` backend as its last argument and forwards to that
+backend's implementation module (:func:`noprop.backends.implementation`), which follows
+:class:`noprop.backends.KernelImplementation`: :mod:`noprop.kernels` (Triton), :mod:`noprop._ext`
+(the C++/CUDA extension) or any registered backend. The protocol's docstring lists every function
+with its normalised inputs and outputs.
 
-========================================  ====================================================
-``normal(seed, shape, offset)``           float32 ``shape``
-``noised_latents_forward(W, y, a, b, seed)``  ``z [T, B, D]``
-``noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)``  ``(gW [C, D], ga [T, B], gb [T, B])``; an unneeded gradient may be an empty tensor
-``denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout)``  ``(loss [], row_sq_error [T, B])``
-``denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout, needs_W)``  ``(glogits [T, B, C], gW [C, D])``
-``latent_update(logits, W, z, p, q, r, seed, readout)``  ``z_new [N, D]``
-``latent_update_backward(grad, logits, W, z, p, q, r, seed, readout, needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r)``  ``(glogits [N, C], gW [C, D], gz [N, D], gp [N], gq [N], gr [N])``; an unneeded gradient may be an empty tensor
-========================================  ====================================================
-
-``noprop::stacked_linear`` (``y[t] = act(x[t] @ W[t] + b[t])``, :func:`noprop.ops.stacked_linear`)
-has a Triton implementation only and no backend argument: :mod:`noprop.kernels.bmm`.
-
-``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2``, the per-row error the forward saves so
-the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
+``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2`` is the per-row error the loss forward
+saves so the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
 ``T * B * D`` is saved for the backward: the noise is regenerated from the seed. ``latent_update``
-saves its inputs only.
+and ``stacked_linear`` save their inputs only.
 
 The annotations stay real objects (no ``from __future__ import annotations``): ``custom_op``
 infers each schema from them, and older torch releases (2.4) may not resolve string annotations.
@@ -33,17 +21,11 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from noprop import backends
+
 
 def _backend_module(backend: str) -> ModuleType:
-    if backend == "triton":
-        from noprop import kernels
-
-        return kernels
-    if backend == "cuda":
-        from noprop import _ext
-
-        return _ext
-    raise ValueError(f"backend: expected 'triton' or 'cuda' for a fused op, got {backend!r}")
+    return backends.implementation(backend)
 
 
 def _empty_if(needed: bool, like: Tensor) -> Tensor:
@@ -200,7 +182,7 @@ def latent_update(
     logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str, backend: str
 ) -> Tensor:
     """``z_new = p readout(logits) @ W + q z + r eps`` on a fused backend (see :func:`noprop.ops.latent_update`)."""
-    return _backend_module(backend).latent_update(logits, W, z, p, q, r, seed, readout)
+    return _backend_module(backend).latent_update_forward(logits, W, z, p, q, r, seed, readout)
 
 
 @latent_update.register_fake
@@ -270,31 +252,27 @@ latent_update.register_autograd(_latent_update_grad, setup_context=_latent_updat
 
 
 @torch.library.custom_op("noprop::stacked_linear", mutates_args=())
-def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str) -> Tensor:
-    """``y[t] = act(x[t] @ weight[t] + bias[t])`` with the Triton kernels (see :func:`noprop.ops.stacked_linear`)."""
-    from noprop import kernels
-
-    return kernels.stacked_linear_forward(x, weight, bias, activation)
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
+    """``y[t] = x[t] @ weight[t] + bias[t]`` on a kernel backend (see :func:`noprop.ops.stacked_linear`)."""
+    return _backend_module(backend).stacked_linear_forward(x, weight, bias)
 
 
 @stacked_linear.register_fake
-def _stacked_linear_fake(x: Tensor, weight: Tensor, bias: Tensor, activation: str) -> Tensor:
+def _stacked_linear_fake(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[2]))
 
 
 @torch.library.custom_op("noprop::stacked_linear_backward", mutates_args=())
 def stacked_linear_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str, needs_input: bool, needs_params: bool
+    grad_y: Tensor, x: Tensor, weight: Tensor, backend: str, needs_input: bool, needs_params: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dW, db)`` of :func:`stacked_linear`; ``y`` is the forward output (read for ReLU only)."""
-    from noprop import kernels
-
-    dx, dW, db = kernels.stacked_linear_backward(grad_y, x, weight, y, activation, needs_input, needs_params)
+    """``(dx, dW, db)`` of :func:`stacked_linear`."""
+    dx, dW, db = _backend_module(backend).stacked_linear_backward(grad_y, x, weight, needs_input, needs_params)
     return dx, dW, db
 
 
 @stacked_linear_backward.register_fake
-def _stacked_linear_backward_fake(grad_y, x, weight, y, activation, needs_input, needs_params):
+def _stacked_linear_backward_fake(grad_y, x, weight, backend, needs_input, needs_params):
     T, _, O = grad_y.shape
     dW = weight.new_empty((T, weight.shape[1], O)) if needs_params else x.new_empty((0,))
     db = weight.new_empty((T, O)) if needs_params else x.new_empty((0,))
@@ -302,18 +280,15 @@ def _stacked_linear_backward_fake(grad_y, x, weight, y, activation, needs_input,
 
 
 def _stacked_linear_setup(ctx, inputs, output) -> None:
-    x, weight, _, activation = inputs
-    # y gates the gradient for ReLU; without an activation the backward reads only x and weight
-    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
-    ctx.activation = activation
+    x, weight, _, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.backend = backend
 
 
 def _stacked_linear_grad(ctx, grad_y: Tensor):
-    x, weight, y = ctx.saved_tensors
+    x, weight = ctx.saved_tensors
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    dx, dW, db = stacked_linear_backward(
-        grad_y, x, weight, grad_y if y is None else y, ctx.activation, needs_x, needs_weight or needs_bias
-    )
+    dx, dW, db = stacked_linear_backward(grad_y, x, weight, ctx.backend, needs_x, needs_weight or needs_bias)
     return (dx if needs_x else None, dW if needs_weight else None, db if needs_bias else None, None)
 
 

@@ -1,9 +1,11 @@
-"""The ``cuda`` backend: thin adapter from the fused-op interface to the C++/CUDA extension.
+"""The ``extension`` backend: the kernel protocol (:class:`noprop.backends.KernelImplementation`) on the C++/CUDA extension.
 
 ``noprop._C`` is built from ``csrc/`` by ``setup.py``. It registers its ops in the
 ``torch.ops.noprop_ext`` namespace with a CPU kernel (host loops) and, when compiled with nvcc, a
 CUDA kernel; both run the same per-element code from ``csrc/noprop_math.h``. The functions here
-take the normalised inputs described in :mod:`noprop._custom_ops`.
+take the protocol's normalised inputs and forward them; the one translation is ``readout``, which
+the C++ schemas take as ``bool softmax`` (``readout == "softmax"``). It has no ``stacked_linear``
+(no GEMM): the registry declares that.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def has_cuda_kernels() -> bool:
     return module is not None and bool(module.compiled_with_cuda())
 
 
-def _ops():
+def ops():
+    """``torch.ops.noprop_ext``; raises ``RuntimeError`` saying why if the extension is not built."""
     module, error = load()
     if module is None:
         raise RuntimeError(f"the C++/CUDA extension noprop._C is not built: {error}")
@@ -40,26 +43,26 @@ def _ops():
 
 def normal(seed: Tensor, shape: tuple[int, ...], offset: int) -> Tensor:
     """float32 normals of the noise contract, element ``k`` from counter ``offset + k``."""
-    return _ops().normal(seed, list(shape), offset)
+    return ops().normal(seed, list(shape), offset)
 
 
 def noised_latents_forward(W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor) -> Tensor:
     """``z [T, B, D]`` with ``z[t, i] = a[t, i] W[y_i] + b[t, i] eps[t, i]``."""
-    return _ops().noised_latents_forward(W, y, a, b, seed)
+    return ops().noised_latents_forward(W, y, a, b, seed)
 
 
 def noised_latents_backward(
     grad_z: Tensor, W: Tensor, y: Tensor, a: Tensor, b: Tensor, seed: Tensor, needs_W: bool, needs_a: bool, needs_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(gW [C, D], ga [T, B], gb [T, B])``; unneeded ones may be empty."""
-    return _ops().noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)
+    return ops().noised_latents_backward(grad_z, W, y, a, b, seed, needs_W, needs_a, needs_b)
 
 
 def denoising_loss_forward(
     logits: Tensor, W: Tensor, y: Tensor, weight: Tensor, noise_coef: Tensor | None, seed: Tensor | None, readout: str
 ) -> tuple[Tensor, Tensor]:
     """``(loss [], row_sq_error [T, B])`` of the weighted denoising loss."""
-    return _ops().denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout == "softmax")
+    return ops().denoising_loss_forward(logits, W, y, weight, noise_coef, seed, readout == "softmax")
 
 
 def denoising_loss_backward(
@@ -74,14 +77,14 @@ def denoising_loss_backward(
     needs_W: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(glogits [T, B, C], gW [C, D])``; ``gW`` may be empty when not needed."""
-    return _ops().denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout == "softmax", needs_W)
+    return ops().denoising_loss_backward(grad_loss, logits, W, y, weight, noise_coef, seed, readout == "softmax", needs_W)
 
 
-def latent_update(
+def latent_update_forward(
     logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str
 ) -> Tensor:
     """``z_new [N, D] = p readout(logits) @ W + q z + r eps``."""
-    return _ops().latent_update(logits, W, z, p, q, r, seed, readout == "softmax")
+    return ops().latent_update(logits, W, z, p, q, r, seed, readout == "softmax")
 
 
 def latent_update_backward(
@@ -103,4 +106,4 @@ def latent_update_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(glogits [N, C], gW [C, D], gz [N, D], gp, gq, gr [N])`` of :func:`latent_update`; unneeded ones are empty."""
     needs = (needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r)
-    return _ops().latent_update_backward(grad, logits, W, z, p, q, r, seed, readout == "softmax", *needs)
+    return ops().latent_update_backward(grad, logits, W, z, p, q, r, seed, readout == "softmax", *needs)

@@ -28,7 +28,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from noprop.embeddings import EMBEDDINGS
     from noprop.models import METHODS
     from noprop.models.dt import SCHEDULES
-    from noprop.ops import BACKENDS
+    from noprop import backends
     from noprop.train import TrainConfig
 
     defaults = TrainConfig()
@@ -47,7 +47,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--embedding-dim", type=int, default=None, help="dimension of a learned embedding (default 20)")
     add("--width", type=float, default=defaults.width, help="multiplier of the paper's layer widths")
     add("--schedule", choices=SCHEDULES, default=defaults.schedule, help="DT: all blocks per step, or a pass per block")
-    add("--backend", choices=("auto",) + BACKENDS, default=defaults.backend, help="fused-op backend")
+    add("--backend", type=_backend_name, default=defaults.backend, metavar="{" + ",".join(("auto",) + backends.names()) + "}",
+        help="backend of every op (noprop info lists them; 'cuda' is the deprecated name of 'extension')")
     add("--seed", type=int, default=defaults.seed)
     add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     add("--out", default=defaults.out, help="output folder: metrics.json, curves.png, checkpoint.pt")
@@ -137,9 +138,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    from noprop.ops import available_backends
+def _backend_name(value: str) -> str:
+    """``--backend``: ``auto`` or a registered backend; the deprecated ``cuda`` warns and becomes ``extension``."""
+    import warnings
 
+    from noprop import backends
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            name = backends.canonical(value, "--backend", allow_auto=True)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    for warning in caught:
+        print(f"noprop: warning: {warning.message}", file=sys.stderr)
+        warnings.warn(warning.message, DeprecationWarning, stacklevel=2)
+    return name
+
+
+def backend_table() -> list[str]:
+    """Every registered backend x op, read from the registry: devices and dtypes where it runs here, or why not."""
+    from noprop import backends
+
+    lines = []
+    for name, status in backends.statuses().items():
+        backend = backends.get(name)
+        lines.append(f"  {name} ({backend.kind}): {backend.summary}")
+        for op in backends.OPS:
+            if op in status.lacks:
+                lines.append(f"    {op:<15} not implemented: {status.lacks[op]}")
+                continue
+            cells = []
+            for device, dtypes in status.dtypes.items():
+                names = ", ".join(backends.dtype_name(d) for d in dtypes)
+                cells.append(f"{device} [{names}]" if device in status.devices else f"{device}: no ({status.why_not[device]})")
+            lines.append(f"    {op:<15} " + "; ".join(cells))
+    return lines
+
+
+def _info(args: argparse.Namespace) -> int:
     try:
         import triton
 
@@ -158,15 +195,33 @@ def _info(args: argparse.Namespace) -> int:
             lines.append(f"device cuda:{index}: {properties.name}, {properties.total_memory / 2**30:.0f} GiB, sm_{properties.major}{properties.minor}")
     else:
         lines.append("device: cpu only (no CUDA device)")
-    lines.append("backends:")
-    for name, status in available_backends().items():
-        runs_on = ", ".join(status.devices) if status.devices else "nothing here"
-        note = f"  ({status.reason})" if status.reason else ""
-        lines.append(f"  {name:<10} runs on: {runs_on}{note}")
+    lines.append("backends: (per op: the devices and dtypes it runs on here, or why not)")
+    lines += backend_table()
     print("\n".join(lines))
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """``noprop bench``: ``bench/e2e.py`` of the source checkout (benchmarks are not installed).
+
+    The checkout is the one this ``noprop`` was installed from in place (``pip install -e .``), or
+    the current directory.
+    """
+    import pathlib
+
+    for root in (pathlib.Path(__file__).resolve().parents[1], pathlib.Path.cwd()):
+        if (root / "bench" / "e2e.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            from bench import e2e
+
+            return e2e.main(argv)
+    print(
+        "noprop bench: error: the benchmarks live in bench/ of a source checkout and are not installed with the "
+        "package; run `noprop bench` (or `python -m bench.e2e`) from a checkout of noprop",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(handler=_eval)
     info_parser = commands.add_parser("info", help="versions, devices and which backends can run")
     info_parser.set_defaults(handler=_info)
-    commands.add_parser("bench", help="end-to-end training and inference benchmark (noprop bench --help)", add_help=False)
+    commands.add_parser(
+        "bench", help="end-to-end benchmark from a source checkout, written to --out (noprop bench --help)", add_help=False
+    )
     return parser
 
 
@@ -198,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
-        from noprop.bench import e2e
-
-        return e2e.main(argv[1:])
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -1,172 +1,65 @@
-"""Public fused ops and the one place that chooses a backend.
+"""The public fused ops (the functional API); every backend choice goes through :mod:`noprop.backends`.
 
-Three op families cover NoProp's training and inference (DESIGN section 3):
+Four op families cover NoProp's training and inference:
 
 * :func:`noised_latents`: ``z[t, i] = a[t, i] * W[y_i] + b[t, i] * eps[t, i]``;
 * :func:`denoising_loss`: ``sum_{t,i} w[t, i] * ||readout(logits[t, i]) @ W - W[y_i] - c[t, i] eps[t, i]||^2 / B``;
 * :func:`latent_update`: ``z_new = p * readout(logits) @ W + q * z + r * eps`` (inference steps, and
   the back-propagation baseline's recursion, which trains through it);
+* :func:`stacked_linear`: T linear layers in one batched product, ``y[t] = x[t] @ W[t] + b[t]``
+  (the fully connected layers of :class:`noprop.stack.BlockStack`);
 
 plus :func:`normal`, the noise they all draw (``eps`` is a pure function of the seed and the
-element index, see :mod:`noprop.rng`), and :func:`stacked_linear`, the batched fully connected
-layer of :class:`noprop.stack.BlockStack` (``y[t] = act(x[t] @ W[t] + b[t])``), which has its own
-backend set and ``auto`` rule (see its docstring).
+element index, see :mod:`noprop.rng`).
 
-Each op runs on one of three backends with one signature:
-
-* ``"reference"``: plain PyTorch (:mod:`noprop.reference`), any device and float dtype, gradients
-  by autograd. The fallback and the test oracle.
-* ``"triton"``: Triton kernels (:mod:`noprop.kernels`) on CUDA tensors, or on CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before ``noprop`` was imported.
-* ``"cuda"``: the C++/CUDA extension (``noprop._C``, built from ``csrc/``): CUDA kernels on CUDA
-  tensors and the same per-element code as host loops on CPU tensors.
-
-``backend="auto"`` picks a fused backend on a CUDA tensor when one can run it and the reference
-otherwise; the environment variable ``NOPROP_BACKEND`` replaces ``auto`` with a fixed choice. An
-explicit backend that cannot run an input raises :class:`BackendUnavailableError` saying why.
-The fused backends are registered as ``torch.library`` custom ops (``noprop::*``), so
-``torch.compile(fullgraph=True)`` keeps them without graph breaks.
+Every op takes ``backend``: ``"auto"`` or the name of a registered backend (:func:`noprop.backends.names`;
+built in: ``"reference"``, ``"triton"``, ``"extension"``). ``auto`` picks a fused backend on a CUDA
+tensor when one can run it and the reference otherwise (``stacked_linear``: the faster of reference
+and Triton, measured once per problem); ``NOPROP_BACKEND`` (all ops) and ``NOPROP_BACKEND_<OP>``
+(one op) replace ``auto`` with a fixed choice. An explicit backend that cannot run an input, or
+lacks the op, raises :class:`BackendUnavailableError` saying why. The registry
+(:mod:`noprop.backends`) declares what each backend implements, its devices and dtypes.
+Kernel backends run through ``torch.library`` custom ops (``noprop::*``, :mod:`noprop._custom_ops`),
+so ``torch.compile(fullgraph=True)`` keeps them without graph breaks.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import statistics
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from noprop import reference, rng
+from noprop import autotune, backends, reference, rng
+from noprop.backends import BackendStatus, BackendUnavailableError  # noqa: F401  (public names)
 from noprop.validation import check_choice, check_floating, check_labels, check_tensor
 
-BACKENDS = ("reference", "triton", "cuda")
-FUSED_BACKENDS = ("cuda", "triton")  # the order ``auto`` tries them in on a CUDA tensor
 READOUTS = reference.READOUTS
-ACTIVATIONS = reference.ACTIVATIONS
-STACKED_LINEAR_BACKENDS = ("reference", "triton")  # stacked_linear has no C++/CUDA version
-_FUSED_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STACKED_LINEAR_ENV = "NOPROP_BACKEND_STACKED_LINEAR"  # replaces auto for stacked_linear alone
+stacked_linear_choices = autotune.stacked_linear_choices
+clear_stacked_linear_choices = autotune.clear_stacked_linear_choices
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run the given input (the message says why)."""
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """What a backend can run on this machine.
-
-    Attributes:
-        name: ``"reference"``, ``"triton"`` or ``"cuda"``.
-        devices: device types (``"cpu"``, ``"cuda"``) it can run on here; empty if none.
-        reason: why it cannot run (or cannot run on a CUDA device) here; empty if nothing is missing.
-    """
-
-    name: str
-    devices: tuple[str, ...]
-    reason: str
-
-    @property
-    def available(self) -> bool:
-        """True if the backend can run on at least one device here."""
-        return bool(self.devices)
-
-
-def _triton_status() -> BackendStatus:
-    try:
-        from noprop import kernels
-    except Exception as error:  # ImportError, or triton failing to initialise
-        return BackendStatus("triton", (), f"cannot import noprop.kernels: {error}")
-    devices = []
-    reasons = []
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    else:
-        reasons.append("no CUDA device")
-    if kernels.INTERPRETER:
-        devices.append("cpu")
-    else:
-        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before importing noprop")
-    return BackendStatus("triton", tuple(devices), "; ".join(reasons))
-
-
-def _cuda_extension_status() -> BackendStatus:
-    from noprop import _ext
-
-    module, error = _ext.load()
-    if module is None:
-        return BackendStatus("cuda", (), f"the C++/CUDA extension noprop._C is not built ({error})")
-    devices = ["cpu"]
-    reason = ""
-    if not _ext.has_cuda_kernels():
-        reason = "the extension was built without CUDA kernels (no nvcc or NOPROP_SKIP_CUDA=1)"
-    elif not torch.cuda.is_available():
-        reason = "no CUDA device"
-    else:
-        devices.append("cuda")
-    return BackendStatus("cuda", tuple(devices), reason)
-
-
-@functools.lru_cache(maxsize=None)
 def available_backends() -> dict[str, BackendStatus]:
-    """Every backend with the devices it can run on here and, if something is missing, why.
+    """Every registered backend with the devices it can run on here and, if something is missing, why.
 
     Returns:
-        ``{"reference": BackendStatus, "triton": BackendStatus, "cuda": BackendStatus}``.
+        ``{name: BackendStatus}`` for every name of :func:`noprop.backends.names`.
     """
-    return {
-        "reference": BackendStatus("reference", ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",), ""),
-        "triton": _triton_status(),
-        "cuda": _cuda_extension_status(),
-    }
+    return backends.statuses()
 
 
-# A constant for torch.compile: evaluated while tracing, never traced into (available_backends'
-# probes, such as the extension's compiled_with_cuda, are opaque to dynamo and would break the graph).
-@torch.compiler.assume_constant_result
-def _cannot_run(backend: str, device: torch.device, dtypes: Sequence[torch.dtype]) -> str:
-    """Why ``backend`` cannot run tensors on ``device`` with ``dtypes``; empty if it can."""
-    status = available_backends()[backend]
-    if device.type not in status.devices:
-        why = status.reason or f"it does not run on {device.type} tensors"
-        return f"it cannot run on {device.type} tensors here: {why}"
-    if backend == "reference":
-        return ""
-    allowed = _FUSED_CUDA_DTYPES if device.type == "cuda" else (torch.float32,)
-    for dtype in dtypes:
-        if dtype not in allowed:
-            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-            return f"it supports {names} on {device.type}, got {str(dtype).replace('torch.', '')}"
-    return ""
+def resolve_backend(op: str, backend: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
+    """The backend that runs ``op`` on this input: :func:`noprop.backends.resolve`."""
+    return backends.resolve(op, backend, device, dtypes)
 
 
-def resolve_backend(backend: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
-    """Turn ``backend`` (``"auto"`` or a name) into the backend that will run.
+def _kernels(op: str, chosen: str):
+    """The custom op of ``op`` (:mod:`noprop._custom_ops`) when ``chosen`` is a kernel backend, else None."""
+    if backends.kind(chosen) == "autograd":
+        return None
+    from noprop import _custom_ops
 
-    ``auto`` reads ``NOPROP_BACKEND`` first; without it, a CUDA tensor gets the first fused
-    backend (``cuda``, then ``triton``) that can run it, anything else the reference.
-
-    Raises:
-        ValueError: unknown backend name (argument or ``NOPROP_BACKEND``).
-        BackendUnavailableError: the chosen backend cannot run this device or dtype here.
-    """
-    check_choice("backend", backend, ("auto",) + BACKENDS)
-    if backend == "auto":
-        override = os.environ.get("NOPROP_BACKEND", "").strip()
-        if override and override != "auto":
-            check_choice("NOPROP_BACKEND", override, BACKENDS)
-            backend = override
-        else:
-            if device.type == "cuda":
-                for candidate in FUSED_BACKENDS:
-                    if not _cannot_run(candidate, device, dtypes):
-                        return candidate
-            return "reference"
-    why = _cannot_run(backend, device, dtypes)
-    if why:
-        raise BackendUnavailableError(f"backend {backend!r} cannot run this input: {why}")
-    return backend
+    return getattr(_custom_ops, op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +132,7 @@ def normal(
         shape: output shape.
         offset: first counter, ``>= 0``.
         device: output device (default: the seed tensor's device, else the CPU).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"reference"``, ``"triton"``, ``"extension"``).
 
     Returns:
         float32 tensor of ``shape``.
@@ -251,12 +144,11 @@ def normal(
     shape = tuple(int(s) for s in shape)
     if offset < 0:
         raise ValueError(f"offset: expected an int >= 0, got {offset}")
-    chosen = resolve_backend(backend, device)
-    if chosen == "reference":
-        return reference.normal(seed_tensor, shape, offset)
-    from noprop import _custom_ops
-
-    return _custom_ops.normal(seed_tensor, list(shape), offset, chosen)
+    chosen = backends.resolve("normal", backend, device)
+    kernel = _kernels("normal", chosen)
+    if kernel is None:
+        return backends.implementation(chosen).normal(seed_tensor, shape, offset)
+    return kernel(seed_tensor, list(shape), offset, chosen)
 
 
 def noised_latents(
@@ -279,7 +171,7 @@ def noised_latents(
         a: signal coefficients ``[T]`` (one per block) or ``[T, B]`` (one per example).
         b: noise coefficients, same rules as ``a``.
         seed: int or int64 tensor with one element.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"reference"``, ``"triton"``, ``"extension"``).
 
     Returns:
         ``z [T, B, D]`` in ``W``'s dtype.
@@ -294,12 +186,11 @@ def noised_latents(
     a = _coefficient("a", a, T, B, device)
     b = _coefficient("b", b, T, B, device)
     seed_tensor = rng.as_seed_tensor(seed, device)
-    chosen = resolve_backend(backend, device, (W.dtype,))
-    if chosen == "reference":
-        return reference.noised_latents(W, y, a, b, seed_tensor)
-    from noprop import _custom_ops
-
-    return _custom_ops.noised_latents(W.contiguous(), y, a, b, seed_tensor, chosen)
+    chosen = backends.resolve("noised_latents", backend, device, (W.dtype,))
+    kernel = _kernels("noised_latents", chosen)
+    if kernel is None:
+        return backends.implementation(chosen).noised_latents(W, y, a, b, seed_tensor)
+    return kernel(W.contiguous(), y, a, b, seed_tensor, chosen)
 
 
 def denoising_loss(
@@ -330,7 +221,7 @@ def denoising_loss(
         readout: ``"softmax"`` or ``"linear"``.
         noise_coef: ``[T]`` or ``[T, B]`` noise coefficient of the target (FM: ``-1``), or None.
         seed: the seed of the noise; required when ``noise_coef`` is given.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"reference"``, ``"triton"``, ``"extension"``).
         return_row_errors: also return the per-row squared errors (for per-block logging).
 
     Returns:
@@ -356,15 +247,13 @@ def denoising_loss(
         if seed is None:
             raise ValueError("seed: required when noise_coef is given (it selects the noise of the target)")
         seed_tensor = rng.as_seed_tensor(seed, device)
-    chosen = resolve_backend(backend, device, (logits.dtype, W.dtype))
-    if chosen == "reference":
-        loss, row_sq_error = reference.denoising_loss(logits, W, y, weight, noise_coef, seed_tensor, readout)
+    chosen = backends.resolve("denoising_loss", backend, device, (logits.dtype, W.dtype))
+    kernel = _kernels("denoising_loss", chosen)
+    if kernel is None:
+        implementation = backends.implementation(chosen)
+        loss, row_sq_error = implementation.denoising_loss(logits, W, y, weight, noise_coef, seed_tensor, readout)
     else:
-        from noprop import _custom_ops
-
-        loss, row_sq_error = _custom_ops.denoising_loss(
-            logits.contiguous(), W.contiguous(), y, weight, noise_coef, seed_tensor, readout, chosen
-        )
+        loss, row_sq_error = kernel(logits.contiguous(), W.contiguous(), y, weight, noise_coef, seed_tensor, readout, chosen)
     return (loss, row_sq_error) if return_row_errors else loss
 
 
@@ -401,7 +290,7 @@ def latent_update(
         p, q, r: floats, 0-dim tensors or tensors with one value per row of ``z`` (shape ``z.shape[:-1]``).
         seed: int or int64 tensor with one element.
         readout: ``"softmax"`` or ``"linear"``.
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"reference"``, ``"triton"``, ``"extension"``).
 
     Returns:
         ``z_new``, shaped and typed like ``z``.
@@ -424,174 +313,45 @@ def latent_update(
     N = z.numel() // D
     p, q, r = (_row_coefficient(n, v, N, device) for n, v in (("p", p), ("q", q), ("r", r)))
     seed_tensor = rng.as_seed_tensor(seed, device)
-    chosen = resolve_backend(backend, device, (logits.dtype, W.dtype, z.dtype))
+    chosen = backends.resolve("latent_update", backend, device, (logits.dtype, W.dtype, z.dtype))
     flat_logits, flat_z = logits.reshape(N, C), z.reshape(N, D)
-    if chosen == "reference":
-        return reference.latent_update(flat_logits, W, flat_z, p, q, r, seed_tensor, readout).reshape(z.shape)
-    from noprop import _custom_ops
-
-    z_new = _custom_ops.latent_update(
-        flat_logits.contiguous(), W.contiguous(), flat_z.contiguous(), p, q, r, seed_tensor, readout, chosen
-    )
+    kernel = _kernels("latent_update", chosen)
+    if kernel is None:
+        implementation = backends.implementation(chosen)
+        return implementation.latent_update(flat_logits, W, flat_z, p, q, r, seed_tensor, readout).reshape(z.shape)
+    z_new = kernel(flat_logits.contiguous(), W.contiguous(), flat_z.contiguous(), p, q, r, seed_tensor, readout, chosen)
     return z_new.reshape(z.shape)
 
 
 # ----------------------------------------------------------------------------------------------
-# stacked_linear: the batched fully connected layer, and the measured choice of its ``auto``.
-
-STACKED_LINEAR_ENV = "NOPROP_STACKED_LINEAR"  # "reference" or "triton": replaces stacked_linear's auto
-TIMING_WARMUP_RUNS = 2  # untimed runs first: Triton compiles, cuBLAS picks its kernels, caches fill
-TIMING_RUNS = 5  # timed runs; auto compares their medians
-
-# auto's choice for every problem measured so far: problem key (see _stacked_linear_problem) ->
-# backend, and the medians (milliseconds per run) it was chosen from.
-_stacked_linear_choices: dict[tuple, str] = {}
-_stacked_linear_timings: dict[tuple, dict[str, float]] = {}
+# stacked_linear
 
 
-def _stacked_linear_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> tuple:
-    """Key of a problem for auto: ``(x shape, weight shape, dtype, activation, device, input grads needed)``."""
-    grads = tuple(t.requires_grad for t in (x, weight, bias)) if torch.is_grad_enabled() else (False,) * 3
-    return (tuple(x.shape), tuple(weight.shape), str(x.dtype), activation, str(x.device), grads)
+def _run_stacked_linear(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`stacked_linear` on the resolved ``backend`` (no checks)."""
+    kernel = _kernels("stacked_linear", backend)
+    if kernel is None:
+        return backends.implementation(backend).stacked_linear(x, weight, bias)
+    return kernel(x, weight, bias, backend)
 
 
-def stacked_linear_choices() -> list[dict]:
-    """What ``auto`` chose for every problem it measured (for benchmark reports), in measurement order.
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """T independent linear layers in one batched product: ``y[t] = x[t] @ weight[t] + bias[t]``.
 
-    Returns:
-        One dict per problem: ``x_shape [k, B, in]``, ``weight_shape [k, in, out]``, ``dtype``,
-        ``activation``, ``device``, ``grads`` (whether x, weight, bias needed gradients, so the
-        backward was timed too), ``backend`` (the faster) and ``median_ms`` (per backend).
-    """
-    fields = ("x_shape", "weight_shape", "dtype", "activation", "device", "grads")
-    return [
-        dict(zip(fields, key), backend=backend, median_ms=dict(_stacked_linear_timings[key]))
-        for key, backend in _stacked_linear_choices.items()
-    ]
+    Differentiable in ``x``, ``weight`` and ``bias``: with ``g = dL/dy``,
+    ``dx[t] = g[t] @ weight[t]^T``, ``dW[t] = x[t]^T @ g[t]``, ``db[t] = sum_i g[t, i]``.
 
-
-def clear_stacked_linear_choices() -> None:
-    """Forget every measured choice: the next use of each problem on a CUDA device measures again."""
-    _stacked_linear_choices.clear()
-    _stacked_linear_timings.clear()
-
-
-def _median_cuda_ms(run: Callable[[], object]) -> float:
-    """Median over ``TIMING_RUNS`` of ``run()``'s time on the current CUDA stream (CUDA events), after warm-up."""
-    for _ in range(TIMING_WARMUP_RUNS):
-        run()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(TIMING_RUNS)]
-    for start, end in events:
-        start.record()
-        run()
-        end.record()
-    events[-1][1].synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def _time_stacked_linear(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, grads: tuple
-) -> float:
-    """Median milliseconds of one forward (and backward, for the inputs in ``grads``) on ``backend``.
-
-    Runs on detached copies of the inputs' metadata (same storage, no copy); the upstream gradient
-    is all ones, so measuring draws no random numbers and leaves every generator as it was.
-    """
-    leaves = [t.detach().requires_grad_(needed) for t, needed in zip((x, weight, bias), grads)]
-    differentiable = [t for t in leaves if t.requires_grad]
-    upstream = x.new_ones((x.shape[0], x.shape[1], weight.shape[2]))
-
-    def forward_and_backward() -> None:
-        with torch.enable_grad():
-            y = _run_stacked_linear(backend, *leaves, activation)
-            if differentiable:
-                torch.autograd.grad(y, differentiable, upstream)
-
-    return _median_cuda_ms(forward_and_backward)
-
-
-def _auto_stacked_linear_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> str:
-    """``auto`` for :func:`stacked_linear`: on CUDA the faster backend for this problem, else the reference.
-
-    The first use of a problem times both backends (:func:`_time_stacked_linear`) and caches the
-    faster; later uses read the cache. Nothing is measured while ``torch.compile`` traces or a CUDA
-    graph is captured: those use the cached choice, or the reference for a problem not seen yet.
-    An empty problem (a zero dimension) runs the reference.
-    """
-    if x.device.type != "cuda" or x.numel() == 0 or weight.numel() == 0 or _cannot_run("triton", x.device, (x.dtype,)):
-        return "reference"
-    problem = _stacked_linear_problem(x, weight, bias, activation)
-    choice = _stacked_linear_choices.get(problem)
-    if choice is not None:
-        return choice
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return "reference"
-    grads = problem[-1]
-    timings = {b: _time_stacked_linear(b, x, weight, bias, activation, grads) for b in STACKED_LINEAR_BACKENDS}
-    choice = min(timings, key=timings.__getitem__)
-    _stacked_linear_timings[problem] = timings
-    _stacked_linear_choices[problem] = choice
-    return choice
-
-
-def _stacked_linear_backend(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
-) -> str:
-    """The backend that runs :func:`stacked_linear` (see its docstring for the rules)."""
-    check_choice("backend", backend, ("auto",) + BACKENDS)
-    if backend == "auto":
-        override = os.environ.get(STACKED_LINEAR_ENV, "").strip()
-        if not override or override == "auto":
-            return _auto_stacked_linear_backend(x, weight, bias, activation)
-        backend = check_choice(STACKED_LINEAR_ENV, override, STACKED_LINEAR_BACKENDS)
-    if backend == "cuda":
-        raise BackendUnavailableError(
-            "backend 'cuda' has no stacked_linear: the C++/CUDA extension has no GEMM. Use 'reference' "
-            "(torch.baddbmm, cuBLAS on CUDA tensors), 'triton', or 'auto' (the faster of the two)"
-        )
-    why = _cannot_run(backend, x.device, (x.dtype,))
-    if why:
-        raise BackendUnavailableError(f"backend {backend!r} cannot run this input: {why}")
-    return backend
-
-
-def _run_stacked_linear(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
-) -> torch.Tensor:
-    if backend == "reference":
-        return reference.stacked_linear(x, weight, bias, activation)
-    from noprop import _custom_ops
-
-    return _custom_ops.stacked_linear(x, weight, bias, activation)
-
-
-def stacked_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    activation: str = "none",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """T independent linear layers in one batched product: ``y[t] = act(x[t] @ weight[t] + bias[t])``.
-
-    ``act`` is the identity (``"none"``) or ReLU (``"relu"``). Differentiable in ``x``, ``weight``
-    and ``bias``: with ``g' = g * relu'(y)`` (``g`` without activation), ``dx[t] = g'[t] @ weight[t]^T``,
-    ``dW[t] = x[t]^T @ g'[t]``, ``db[t] = sum_i g'[t, i]``.
-
-    Backends (this op's own set; ``NOPROP_BACKEND`` does not apply to it):
+    Backends (the registry's; ``extension`` declares that it has no GEMM):
 
     * ``"reference"``: ``torch.baddbmm`` (cuBLAS on CUDA tensors), any device and float dtype.
-    * ``"triton"``: :mod:`noprop.kernels.bmm`, bias and activation fused into the GEMM; CUDA tensors
-      in float32, bfloat16 or float16, CPU tensors in float32 through the interpreter.
-    * ``"cuda"``: none; raises :class:`BackendUnavailableError` (the extension has no GEMM).
-    * ``"auto"``: the reference off CUDA. On CUDA, the first use of each problem (shapes, dtype,
-      activation, device, which inputs need gradients) times both backends, forward plus backward
-      when gradients are needed, as the median of ``TIMING_RUNS`` CUDA-event timings after
-      ``TIMING_WARMUP_RUNS`` warm-up runs, and keeps the faster for that problem
-      (:func:`stacked_linear_choices` lists them). Nothing is measured while ``torch.compile``
-      traces or a CUDA graph is captured; a problem not measured yet runs the reference there, so
-      run one eager step first. ``NOPROP_STACKED_LINEAR=reference|triton`` replaces ``auto``.
+    * ``"triton"``: :mod:`noprop.kernels.stacked_linear`, the bias add fused into the GEMM; CUDA
+      tensors in float32, bfloat16 or float16, CPU tensors in float32 through the interpreter.
+    * ``"auto"``: the reference off CUDA. On CUDA, the faster of reference and Triton for this
+      problem, measured on its first use (:mod:`noprop.autotune`; :func:`stacked_linear_choices`
+      lists the choices). Nothing is measured while ``torch.compile`` traces or a CUDA graph is
+      captured; a problem not measured yet runs the reference there, so run one eager step first.
+      ``NOPROP_BACKEND_STACKED_LINEAR`` (or ``NOPROP_BACKEND`` naming a backend that has the op)
+      replaces ``auto``.
 
     Inside ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``torch.baddbmm``
     would be. A problem with a zero dimension runs the reference (there is nothing to launch).
@@ -600,8 +360,7 @@ def stacked_linear(
         x: ``[k, B, in]``, any strides (e.g. a transposed view).
         weight: ``[k, in, out]`` (e.g. the slice of a ``[T, in, out]`` parameter for the blocks in use).
         bias: ``[k, out]``.
-        activation: ``"none"`` or ``"relu"``.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"`` or a registered backend that has the op (``"reference"``, ``"triton"``).
 
     Returns:
         ``y [k, B, out]`` in the inputs' dtype.
@@ -622,14 +381,15 @@ def stacked_linear(
         check_floating(name, tensor)
         if tensor.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got one on {tensor.device}")
-    check_choice("activation", activation, ACTIVATIONS)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {tensor.dtype}")
-    chosen = _stacked_linear_backend(backend, x, weight, bias, activation)
+    chosen = backends.resolve("stacked_linear", backend, x.device, (x.dtype,))
     if x.numel() == 0 or weight.numel() == 0:
         chosen = "reference"
-    return _run_stacked_linear(chosen, x, weight, bias, activation)
+    elif chosen == "auto":
+        chosen = autotune.choose_stacked_linear(_run_stacked_linear, x, weight, bias)
+    return _run_stacked_linear(chosen, x, weight, bias)

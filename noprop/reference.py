@@ -13,7 +13,6 @@ import torch
 from noprop import rng
 
 READOUTS = ("softmax", "linear")
-ACTIVATIONS = ("none", "relu")
 
 
 def _upcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,15 +99,9 @@ def latent_update(
     return z_new.to(z.dtype)
 
 
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    """T linear layers in one batched product: ``y[t] = act(x[t] @ weight[t] + bias[t])``.
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """T linear layers in one batched product: ``y[t] = x[t] @ weight[t] + bias[t]``.
 
     Shapes: ``x [T, B, I]``, ``weight [T, I, O]``, ``bias [T, O]``; returns ``y [T, B, O]``.
-    ``act`` is the identity (``"none"``) or ReLU (``"relu"``).
     """
-    y = torch.baddbmm(bias.unsqueeze(1), x, weight)
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "none":
-        return y
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    return torch.baddbmm(bias.unsqueeze(1), x, weight)

@@ -20,8 +20,25 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from noprop import ops
-from noprop.validation import check_choice
+from noprop import backends, ops
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is ``"auto"`` or a registered backend that has ``stacked_linear``, else ``ValueError``."""
+    backend = backends.canonical(backend, allow_auto=True)
+    if backend != "auto" and "stacked_linear" in backends.get(backend).lacks:
+        raise ValueError(f"backend: {backend!r} has no stacked_linear ({backends.get(backend).lacks['stacked_linear']})")
+    return backend
+
+
+def set_backend(module: nn.Module, backend: str) -> None:
+    """Run every :class:`StackedLinear` inside ``module`` on the backend a model set to ``backend`` uses for
+    ``stacked_linear``: ``backend`` itself, or the reference where it has no ``stacked_linear``
+    (:func:`noprop.backends.for_op`)."""
+    chosen = backends.for_op(backend, "stacked_linear")
+    for layer in module.modules():
+        if isinstance(layer, StackedLinear):
+            layer.backend = chosen
 
 
 class StackedLinear(nn.Module):
@@ -29,15 +46,15 @@ class StackedLinear(nn.Module):
 
     Shapes: ``x [k, B, in]`` for the blocks ``blocks`` (``k = len(blocks)``), ``weight [T, in, out]``,
     ``bias [T, out]``; returns ``[k, B, out]``. Runs :func:`noprop.ops.stacked_linear` on the
-    backend in the attribute ``backend`` (``"auto"``, ``"reference"`` or ``"triton"``; not part of
-    the state dict), which a model may set after construction.
+    backend in the attribute ``backend`` (``"auto"`` or a backend that has the op; not part of the
+    state dict). A model sets it to its own backend (:func:`set_backend`).
     """
 
     def __init__(self, T: int, in_features: int, out_features: int, backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(T, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(T, out_features))
-        self.backend = check_choice("backend", backend, ("auto",) + ops.STACKED_LINEAR_BACKENDS)
+        self.backend = check_backend(backend)
         self.load([nn.Linear(in_features, out_features) for _ in range(T)])  # nn.Linear's init, per block
 
     def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:

@@ -12,7 +12,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Extra backends to register before collection, so that every op test (parametrised over the
+# registry) runs on them too: a comma-separated list of importable modules that call
+# noprop.backends.register on import (tests/test_backends.py runs the op suite on a toy this way).
+BACKEND_MODULES_ENV = "NOPROP_TEST_BACKEND_MODULES"
+for _module in filter(None, os.environ.get(BACKEND_MODULES_ENV, "").split(",")):
+    importlib.import_module(_module.strip())
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -34,9 +43,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def fused_backend_or_skip(backend: str, device: str = "cpu") -> str:
     """Return ``backend`` if it runs on ``device`` here, else skip the test with the reason."""
-    from noprop.ops import available_backends
+    from noprop import backends
 
-    status = available_backends()[backend]
+    status = backends.statuses()[backend]
     if device not in status.devices:
         pytest.skip(f"backend {backend!r} cannot run on {device}: {status.reason}")
     return backend

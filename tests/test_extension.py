@@ -1,6 +1,7 @@
-"""Checks specific to the C++/CUDA extension ``noprop._C`` (the ``cuda`` backend).
+"""Checks specific to the C++/CUDA extension ``noprop._C`` (the ``extension`` backend).
 
-test_ops.py compares every fused op with the reference through :mod:`noprop.ops`; this file checks
+The per-op tests (tests/test_<op>.py) compare every backend with the reference through
+:mod:`noprop.ops`; this file checks
 what only the extension has: its build (CUDA kernels wherever nvcc is), its Philox bit for bit,
 its argument errors, determinism, and on a GPU the CUDA kernels against the CPU kernels, the
 float16/bfloat16 paths, the large-``C * D`` gradient path and CUDA-graph capture of a training step.

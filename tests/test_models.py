@@ -1,6 +1,6 @@
 """Model math against independent formulas, ruling out the known traps of public implementations.
 
-Traps (DESIGN section 2): reversed schedule orientation, ``abar`` instead of ``sqrt(abar)`` on the
+Traps (the paper's sections 2-3, arXiv 2503.24322): reversed schedule orientation, ``abar`` instead of ``sqrt(abar)`` on the
 signal, predicting the noise instead of ``u_y``, skipping Eq. 3's ``a, b, c`` at inference,
 evaluating with the true label.
 """

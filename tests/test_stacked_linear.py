@@ -1,11 +1,12 @@
-"""``ops.stacked_linear`` (``y[t] = act(x[t] @ W[t] + b[t])``): Triton against the reference, dispatch, compile.
+"""``ops.stacked_linear`` (``y[t] = x[t] @ W[t] + b[t]``) on every registered backend against the reference; dispatch, compile.
 
 Every comparison draws fresh random inputs and a random (not all-ones) upstream gradient, and
-covers odd shapes (B = 1, in = 7, out = 129, tiles that cross the matrix edges), both
-activations, a slice of a stacked parameter (the blocks ``2..4`` of 6) and the transposed view of
-``x`` that ``BlockStack`` passes. Gradients of the reference come from autograd. On a CPU the
-Triton kernels run through the interpreter; GPU-only tests (16-bit inputs, training-sized shapes,
-the measured ``auto`` choice, CUDA-graph capture) are marked ``gpu``.
+covers odd shapes (B = 1, in = 7, out = 129, tiles that cross the matrix edges), a slice of a
+stacked parameter (the blocks ``2..4`` of 6) and the transposed view of ``x`` that ``BlockStack``
+passes. Gradients of the reference come from autograd. On a CPU the Triton kernels run through
+the interpreter; GPU-only tests (16-bit inputs, training-sized shapes, the measured ``auto``
+choice, CUDA-graph capture) are marked ``gpu``. The Triton tiling is tested in
+tests/test_triton_kernels.py.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import pytest
 import torch
 
 from conftest import assert_close, fused_backend_or_skip
-from noprop import ops
-from noprop.kernels.bmm import MAX_TILE, MIN_SHRUNK_TILE, gemm_tiling
+from noprop import autotune, ops
 from noprop.ops import BackendUnavailableError
 from noprop.stack import StackedLinear
+from op_testing import compared_backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (T, B, in, out): every B in {1, 5, 130}, in in {7, 33, 256}, out in {10, 129} at least once
 SHAPES = [(3, 1, 7, 10), (3, 5, 33, 129), (3, 130, 256, 129), (3, 130, 7, 10), (3, 5, 256, 10), (3, 1, 33, 129)]
-KINK = 1e-4  # |pre-activation| below which rounding could flip the ReLU gate between two implementations
+COMPARED = compared_backends("stacked_linear")  # the registry's backends with this op, compared with the reference
 
 
 def _inputs(T, B, I, O, seed=0, device=DEVICE, dtype=torch.float32):
@@ -34,24 +35,22 @@ def _inputs(T, B, I, O, seed=0, device=DEVICE, dtype=torch.float32):
     return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, bias))
 
 
-def _upstream(x, weight, bias, activation, seed=1):
-    """A random upstream gradient ``[T, B, O]``; zero where ReLU's input lies within ``KINK`` of 0.
-
-    There the two implementations may round the pre-activation to different signs, so the gate
-    ``relu'(y)`` could differ; a zero upstream gradient makes both gates give the same gradients.
-    """
+def _upstream(x, weight, seed=1):
+    """A random upstream gradient ``[T, B, O]``."""
     g = torch.Generator().manual_seed(seed)
-    upstream = torch.randn(x.shape[0], x.shape[1], weight.shape[2], generator=g).to(x)
-    if activation == "relu":
-        pre = torch.baddbmm(bias.double().unsqueeze(1), x.double(), weight.double())
-        upstream = upstream.masked_fill(pre.abs() < KINK, 0.0)
-    return upstream
+    return torch.randn(x.shape[0], x.shape[1], weight.shape[2], generator=g).to(x)
 
 
-def _value_and_grads(backend, x, weight, bias, activation, upstream):
+def _value_and_grads(backend, x, weight, bias, upstream):
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-    y = ops.stacked_linear(*leaves, activation=activation, backend=backend)
+    y = ops.stacked_linear(*leaves, backend=backend)
     return (y.detach(), *torch.autograd.grad(y, leaves, upstream))
+
+
+@pytest.fixture(params=COMPARED)
+def backend(request):
+    """Every registered backend with stacked_linear but the reference, where it runs on ``DEVICE``."""
+    return fused_backend_or_skip(request.param, DEVICE)
 
 
 @pytest.fixture
@@ -63,50 +62,47 @@ def triton_backend():
 
 
 @pytest.mark.parametrize("T,B,I,O", SHAPES)
-@pytest.mark.parametrize("activation", ["none", "relu"])
-def test_triton_matches_reference(triton_backend, T, B, I, O, activation):
+def test_stacked_linear_matches_reference(backend, T, B, I, O):
     x, weight, bias = _inputs(T, B, I, O, seed=B * I + O)
-    upstream = _upstream(x, weight, bias, activation)
-    expected = _value_and_grads("reference", x, weight, bias, activation, upstream)
-    actual = _value_and_grads("triton", x, weight, bias, activation, upstream)
+    upstream = _upstream(x, weight)
+    expected = _value_and_grads("reference", x, weight, bias, upstream)
+    actual = _value_and_grads(backend, x, weight, bias, upstream)
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), actual, expected):
         assert a.shape == e.shape, name
-        assert_close(a, e, msg=f"{name} for T={T} B={B} in={I} out={O} activation={activation}")
-    if activation == "relu":
-        assert (expected[0] == 0).any() and (expected[0] > 0).any()  # the gate is exercised both ways
+        assert_close(a, e, msg=f"{name} for T={T} B={B} in={I} out={O}")
 
 
-def test_a_slice_of_stacked_parameters_gets_gradients_only_in_its_blocks(triton_backend):
+def test_a_slice_of_stacked_parameters_gets_gradients_only_in_its_blocks(backend):
     """Blocks 2..4 of a 6-block parameter, as ``StackedLinear`` slices it; ``x`` needs no gradient."""
     x, _, _ = _inputs(3, 9, 40, 24, seed=3)
     _, weight, bias = _inputs(6, 1, 40, 24, seed=4)
-    upstream = _upstream(x, weight[2:5], bias[2:5], "relu")
+    upstream = _upstream(x, weight[2:5])
     grads = {}
-    for backend in ("reference", "triton"):
+    for name in ("reference", backend):
         W, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        y = ops.stacked_linear(x, W[2:5], b[2:5], activation="relu", backend=backend)
-        grads[backend] = (y.detach(), *torch.autograd.grad(y, (W, b), upstream))
-    for actual, expected in zip(grads["triton"], grads["reference"]):
+        y = ops.stacked_linear(x, W[2:5], b[2:5], backend=name)
+        grads[name] = (y.detach(), *torch.autograd.grad(y, (W, b), upstream))
+    for actual, expected in zip(grads[backend], grads["reference"]):
         assert_close(actual, expected)
-    for blocks_not_used in (grads["triton"][1][[0, 1, 5]], grads["triton"][2][[0, 1, 5]]):
+    for blocks_not_used in (grads[backend][1][[0, 1, 5]], grads[backend][2][[0, 1, 5]]):
         assert torch.count_nonzero(blocks_not_used) == 0
 
 
-def test_transposed_input_view_as_block_stack_passes_it(triton_backend):
+def test_transposed_input_view_as_block_stack_passes_it(backend):
     """``x = h.reshape(B, k, in).transpose(0, 1)`` (strides ``(in, k * in, 1)``) through ``StackedLinear``."""
     k, B, I, O = 3, 6, 20, 17
     h = torch.randn(B, k * I, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     layer = StackedLinear(5, I, O).to(DEVICE)
     upstream = torch.randn(k, B, O, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     results = {}
-    for backend in ("reference", "triton"):
-        layer.backend = backend
+    for name in ("reference", backend):
+        layer.backend = name
         h_leaf = h.clone().requires_grad_()
         x = h_leaf.reshape(B, k, I).transpose(0, 1)
         assert not x.is_contiguous()
         y = layer(x, range(1, 4))
-        results[backend] = (y.detach(), *torch.autograd.grad(y, (h_leaf, layer.weight, layer.bias), upstream))
-    for actual, expected in zip(results["triton"], results["reference"]):
+        results[name] = (y.detach(), *torch.autograd.grad(y, (h_leaf, layer.weight, layer.bias), upstream))
+    for actual, expected in zip(results[backend], results["reference"]):
         assert_close(actual, expected)
 
 
@@ -115,33 +111,15 @@ def test_stacked_linear_keeps_its_state_dict_and_validates_its_backend():
     assert list(layer.state_dict()) == ["weight", "bias"]
     assert layer.backend == "triton"
     with pytest.raises(ValueError, match="backend"):
+        StackedLinear(4, 3, 2, backend="extension")
+    with pytest.raises(ValueError, match="backend"), pytest.warns(DeprecationWarning):
         StackedLinear(4, 3, 2, backend="cuda")
 
 
-def test_empty_batch_runs_without_a_launch(triton_backend):
+def test_empty_batch_runs_without_a_launch(backend):
     x, weight, bias = _inputs(2, 0, 5, 4)
-    y = ops.stacked_linear(x, weight, bias, backend="triton")
+    y = ops.stacked_linear(x, weight, bias, backend=backend)
     assert y.shape == (2, 0, 4)
-
-
-# ---------------------------------------------------------------------------------------------- tiling
-
-
-@pytest.mark.parametrize(
-    "batch,M,N,K", [(10, 128, 256, 2048), (10, 2048, 256, 128), (10, 128, 10, 128), (1, 1, 7, 3), (3, 130, 129, 256)]
-)
-@pytest.mark.parametrize("element_size", [4, 2])
-def test_tiles_fill_the_sms_within_bounds(batch, M, N, K, element_size):
-    for num_sms in (1, 132):
-        tiling = gemm_tiling(batch, M, N, K, element_size, num_sms)
-        for block in (tiling.block_m, tiling.block_n, tiling.block_k):
-            assert 16 <= block <= MAX_TILE and block & (block - 1) == 0
-        assert tiling.grid == (-(-M // tiling.block_m) * -(-N // tiling.block_n), batch)
-        programs = tiling.grid[0] * tiling.grid[1]
-        shrinkable = max(tiling.block_m, tiling.block_n) > MIN_SHRUNK_TILE
-        assert programs >= num_sms or not shrinkable
-    largest = gemm_tiling(batch, M, N, K, element_size, 1)
-    assert largest.block_m == min(MAX_TILE, max(16, 1 << (M - 1).bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -180,7 +158,9 @@ def test_auto_on_cpu_is_the_reference_and_the_environment_overrides_it(monkeypat
 
 def test_backends_that_cannot_run_say_why():
     x, weight, bias = _inputs(2, 3, 4, 5, device="cpu")
-    with pytest.raises(BackendUnavailableError, match="'cuda' has no stacked_linear"):
+    with pytest.raises(BackendUnavailableError, match="'extension' has no stacked_linear"):
+        ops.stacked_linear(x, weight, bias, backend="extension")
+    with pytest.raises(BackendUnavailableError, match="'extension' has no stacked_linear"), pytest.warns(DeprecationWarning):
         ops.stacked_linear(x, weight, bias, backend="cuda")
     with pytest.raises(ValueError, match="backend.*'fast'"):
         ops.stacked_linear(x, weight, bias, backend="fast")
@@ -192,7 +172,6 @@ def test_backends_that_cannot_run_say_why():
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda x, w, b: ops.stacked_linear(x, w, b, activation="gelu"), ValueError, "activation.*'gelu'"),
         (lambda x, w, b: ops.stacked_linear(x[0], w, b), ValueError, "x: expected shape"),
         (lambda x, w, b: ops.stacked_linear(x.long(), w, b), TypeError, "x: expected a floating"),
         (lambda x, w, b: ops.stacked_linear(x, w[:1], b), ValueError, r"weight: expected shape \[2, 4, out\]"),
@@ -223,10 +202,10 @@ def test_compiled_fullgraph_keeps_the_triton_op(triton_backend):
     """
     torch._dynamo.reset()
     x, weight, bias = _inputs(3, 5, 33, 10, seed=7)
-    upstream = _upstream(x, weight, bias, "relu")
+    upstream = _upstream(x, weight)
 
     def forward(h, weight, bias):  # h [B, T, in]
-        return ops.stacked_linear(h.transpose(0, 1), weight, bias, activation="relu", backend="triton")
+        return ops.stacked_linear(h.transpose(0, 1), weight, bias, backend="triton")
 
     compiled = torch.compile(forward, fullgraph=True)
     results = []
@@ -252,9 +231,9 @@ def test_gpu_dtypes_and_training_shapes(T, B, I, O, dtype):
     """
     low = [t.to(dtype) for t in _inputs(T, B, I, O, seed=O, device="cuda")]
     exact = [t.float() for t in low]
-    upstream = _upstream(*exact, "relu").to(dtype)
-    expected = _value_and_grads("reference", *exact, "relu", upstream.float())
-    actual = _value_and_grads("triton", *low, "relu", upstream)
+    upstream = _upstream(exact[0], exact[1]).to(dtype)
+    expected = _value_and_grads("reference", *exact, upstream.float())
+    actual = _value_and_grads("triton", *low, upstream)
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), actual, expected):
         assert a.dtype == dtype, name
         assert_close(a, e, dtype=dtype, msg=f"{name} {dtype} T={T} B={B} in={I} out={O}")
@@ -265,12 +244,13 @@ def test_auto_measures_once_per_problem_and_caches(monkeypatch):
     monkeypatch.delenv(ops.STACKED_LINEAR_ENV, raising=False)
     ops.clear_stacked_linear_choices()
     timed = []
-    time_backend = ops._time_stacked_linear
-    def recording(backend, *args):
-        timed.append(backend)
-        return time_backend(backend, *args)
+    time_backend = autotune._time_stacked_linear
 
-    monkeypatch.setattr(ops, "_time_stacked_linear", recording)
+    def recording(run, backend, *args):
+        timed.append(backend)
+        return time_backend(run, backend, *args)
+
+    monkeypatch.setattr(autotune, "_time_stacked_linear", recording)
     x, weight, bias = (t.requires_grad_() for t in _inputs(10, 128, 256, 256, device="cuda"))
     state = torch.cuda.get_rng_state()
     ops.stacked_linear(x, weight, bias)
@@ -281,7 +261,7 @@ def test_auto_measures_once_per_problem_and_caches(monkeypatch):
     with torch.no_grad():
         ops.stacked_linear(x, weight, bias)  # inference is another problem: forward only
     (entry, inference) = ops.stacked_linear_choices()
-    assert entry["backend"] in ops.STACKED_LINEAR_BACKENDS and set(entry["median_ms"]) == {"reference", "triton"}
+    assert entry["backend"] in autotune.CANDIDATES and set(entry["median_ms"]) == {"reference", "triton"}
     assert entry["grads"] == (True, True, True) and inference["grads"] == (False, False, False)
     assert entry["backend"] == min(entry["median_ms"], key=entry["median_ms"].get)
     ops.clear_stacked_linear_choices()
@@ -309,10 +289,10 @@ def test_auto_does_not_measure_during_cuda_graph_capture(monkeypatch):
 @pytest.mark.gpu
 def test_triton_forward_and_backward_capture_in_a_cuda_graph():
     x, weight, bias = (t.requires_grad_() for t in _inputs(10, 128, 256, 128, device="cuda"))
-    upstream = _upstream(x, weight, bias, "relu")
+    upstream = _upstream(x, weight)
 
     def step():
-        y = ops.stacked_linear(x, weight, bias, activation="relu", backend="triton")
+        y = ops.stacked_linear(x, weight, bias, backend="triton")
         return (y.detach(), *torch.autograd.grad(y, (x, weight, bias), upstream))
 
     side = torch.cuda.Stream()

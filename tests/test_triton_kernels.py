@@ -1,6 +1,6 @@
 """The Triton kernels beyond the op-level tests: tiling, padding, chunking and dtype paths.
 
-``tests/test_ops.py`` checks every op against the reference on the shapes users hit. Here the
+The per-op tests (``tests/test_<op>.py``) check every op against the reference on the shapes users hit. Here the
 shapes are chosen to drive each kernel through its less common paths: an embedding dimension that
 takes several column chunks (partial row sums added atomically), class counts padded to a larger
 tile, programs that loop over several row tiles or all steps, half-precision inputs, counters past
@@ -102,6 +102,25 @@ def test_example_tiling_covers_everything(steps, batch, dim):
     assert 1 <= tiling.step_groups == groups <= steps
 
 
+@pytest.mark.parametrize(
+    "batch,M,N,K", [(10, 128, 256, 2048), (10, 2048, 256, 128), (10, 128, 10, 128), (1, 1, 7, 3), (3, 130, 129, 256)]
+)
+@pytest.mark.parametrize("element_size", [4, 2])
+def test_stacked_linear_tiles_fill_the_sms_within_bounds(batch, M, N, K, element_size):
+    from noprop.kernels.stacked_linear import MAX_TILE, MIN_SHRUNK_TILE, gemm_tiling
+
+    for num_sms in (1, 132):
+        tiling = gemm_tiling(batch, M, N, K, element_size, num_sms)
+        for block in (tiling.block_m, tiling.block_n, tiling.block_k):
+            assert 16 <= block <= MAX_TILE and block & (block - 1) == 0
+        assert tiling.grid == (-(-M // tiling.block_m) * -(-N // tiling.block_n), batch)
+        programs = tiling.grid[0] * tiling.grid[1]
+        shrinkable = max(tiling.block_m, tiling.block_n) > MIN_SHRUNK_TILE
+        assert programs >= num_sms or not shrinkable
+    largest = gemm_tiling(batch, M, N, K, element_size, 1)
+    assert largest.block_m == min(MAX_TILE, max(16, 1 << (M - 1).bit_length()))
+
+
 # ---------------------------------------------------------------------------------------------- kernel paths
 
 
@@ -152,7 +171,7 @@ def test_half_precision_inputs(dtype):
     z = kernels.noised_latents_forward(W_half, y, weight, weight, seed)
     assert z.dtype == dtype
     assert_close(z, reference.noised_latents(W_half.float(), y, weight, weight, seed), dtype)
-    z_new = kernels.latent_update(logits[0], W_half, z[0], weight[0], weight[0], weight[0], seed, "linear")
+    z_new = kernels.latent_update_forward(logits[0], W_half, z[0], weight[0], weight[0], weight[0], seed, "linear")
     assert z_new.dtype == dtype
     expected = reference.latent_update(logits[0].float(), W_half.float(), z[0].float(), weight[0], weight[0], weight[0], seed, "linear")
     assert_close(z_new, expected, dtype)

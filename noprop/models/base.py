@@ -9,7 +9,8 @@ from noprop import rng
 from noprop.blocks import BlockConfig, feature_map_size
 from noprop.embeddings import LabelEmbedding
 from noprop.objectives import LossTerms
-from noprop.ops import BACKENDS
+from noprop import backends
+from noprop.stacked_layers import set_backend
 from noprop.validation import check_choice, check_images, check_labels, check_positive_int
 
 
@@ -24,7 +25,11 @@ class NoPropModel(nn.Module):
         embedding_dim: ``D`` (see :class:`noprop.embeddings.LabelEmbedding`); a prototype
             embedding always has the image size.
         width: multiplier of the paper's layer widths (``BlockConfig.scaled``).
-        backend: fused-op backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: the backend of every op the model runs, :func:`noprop.ops.stacked_linear` (the
+            stacked layers of ``BlockStack``) included: ``"auto"`` or a registered backend
+            (``"reference"``, ``"triton"``, ``"extension"``; :mod:`noprop.backends`). An op the
+            backend lacks runs on the reference (the extension has no ``stacked_linear``).
+            Setting ``model.backend`` later reaches every layer too.
 
     Subclasses implement :meth:`loss_terms` and :meth:`predict`, and a model whose inference has a
     choice of solver lists them in :attr:`solvers` with its :attr:`default_solver`.
@@ -51,7 +56,7 @@ class NoPropModel(nn.Module):
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.image_size = check_positive_int("image_size", image_size)
         feature_map_size(image_size)  # rejects images too small for three poolings
-        self.backend = check_choice("backend", backend, ("auto",) + BACKENDS)
+        self.backend = backend
         self.width = float(width)
         self.block_config = BlockConfig.scaled(width)
         if embedding == "prototype":
@@ -60,6 +65,21 @@ class NoPropModel(nn.Module):
                 raise ValueError(f"embedding_dim: a prototype embedding has the image size {prototype_dim}, got {embedding_dim}")
             embedding_dim = prototype_dim
         self.embedding = LabelEmbedding(embedding, num_classes, embedding_dim)
+
+    @property
+    def backend(self) -> str:
+        """The backend of every op the model runs (see the class docstring)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        object.__setattr__(self, "_backend", backends.canonical(value, allow_auto=True))
+        set_backend(self, self._backend)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and "_backend" in self.__dict__:  # a submodule added later: blocks
+            set_backend(value, self._backend)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

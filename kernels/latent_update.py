@@ -57,7 +57,7 @@ def _latent_update_kernel(
 
 
 @launches_on_input_device
-def latent_update(
+def latent_update_forward(
     logits: torch.Tensor,
     W: torch.Tensor,
     z: torch.Tensor,

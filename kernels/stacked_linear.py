@@ -1,18 +1,18 @@
-"""Batched GEMM of T independent linear layers, bias and activation fused: ``y[t] = act(x[t] @ W[t] + b[t])``.
+"""``stacked_linear`` on Triton: batched GEMM of T independent linear layers, bias fused: ``y[t] = x[t] @ W[t] + b[t]``.
 
-Shapes: ``x [T, B, I]`` (any strides), ``W [T, I, O]``, ``b [T, O]``, ``y [T, B, O]``; ``act`` is the
-identity or ReLU. Three kernels, each a tiled GEMM batched over ``t`` (the launch grid is
-``(output tiles, T)``), float32 accumulation whatever the input dtype:
+Shapes: ``x [T, B, I]`` (any strides), ``W [T, I, O]``, ``b [T, O]``, ``y [T, B, O]``. Three
+kernels, each a tiled GEMM batched over ``t`` (the launch grid is ``(output tiles, T)``), float32
+accumulation whatever the input dtype:
 
-* forward: ``y[t] = act(x[t] @ W[t] + b[t])``; the bias add and the activation run in the epilogue,
-  on the float32 accumulator, before the one cast and store;
-* input gradient: ``dx[t] = g'[t] @ W[t]^T``;
-* weight gradient: ``dW[t] = x[t]^T @ g'[t]`` and ``db[t] = sum_i g'[t, i]`` in the same pass (the
+* forward: ``y[t] = x[t] @ W[t] + b[t]``; the bias add runs in the epilogue, on the float32
+  accumulator, before the one cast and store;
+* input gradient: ``dx[t] = g[t] @ W[t]^T``;
+* weight gradient: ``dW[t] = x[t]^T @ g[t]`` and ``db[t] = sum_i g[t, i]`` in the same pass (the
   bias gradient is the column sum of the operand the weight gradient already streams over ``B``),
 
-where ``g' = g * relu'(y) = g * (y > 0)`` for ReLU (``g`` itself otherwise) is formed on the fly
-from the upstream gradient ``g`` and the saved output ``y``: nothing of size ``T * B * O`` is
-written besides the gradients. Transposed operands (``W^T``, ``x^T``) are read through strides, so
+with ``g`` the upstream gradient: nothing of size ``T * B * O`` is written besides the gradients.
+(No activation is fused: every stacked linear layer of the paper's block feeds a BatchNorm before
+its ReLU, or is the output layer.) Transposed operands (``W^T``, ``x^T``) are read through strides, so
 no operand is copied; ``dx`` takes ``x``'s strides (``torch.empty_like``), so its consumer gets the
 layout it produced.
 
@@ -142,15 +142,6 @@ def _mma(a, b, acc, F32_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
-def _gated(g, y_ptrs, mask, RELU: tl.constexpr):
-    """``g' = g * (y > 0)`` for ReLU (``y`` read at ``y_ptrs``), ``g`` itself otherwise."""
-    if RELU:
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        g = tl.where(y > 0, g, tl.zeros_like(g))
-    return g
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 
 
@@ -162,10 +153,10 @@ def _forward_kernel(
     stride_wt, stride_wk, stride_wn,
     stride_bt, stride_bn,
     stride_yt, stride_ym, stride_yn,
-    RELU: tl.constexpr, F32_PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``y[t, rows, cols] = act(x[t, rows, :] @ W[t, :, cols] + b[t, cols])`` for ``t = program_id(1)``."""
+    """``y[t, rows, cols] = x[t, rows, :] @ W[t, :, cols] + b[t, cols]`` for ``t = program_id(1)``."""
     t = tl.program_id(1).to(tl.int64)
     tile_m, tile_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N)
     rows, cols = _span(tile_m, BLOCK_M), _span(tile_n, BLOCK_N)
@@ -182,41 +173,35 @@ def _forward_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     acc += tl.load(b_ptr + t * stride_bt + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
     y_ptrs = y_ptr + t * stride_yt + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _grad_input_kernel(
-    g_ptr, y_ptr, w_ptr, dx_ptr,
+    g_ptr, w_ptr, dx_ptr,
     M, N, K,  # M = B (examples), N = I (inputs), K = O (outputs)
     stride_gt, stride_gm, stride_gk,
-    stride_yt, stride_ym, stride_yk,
     stride_wt, stride_wn, stride_wk,  # W[t, n, k]: read as the [K, N] operand W[t]^T
     stride_dxt, stride_dxm, stride_dxn,
-    RELU: tl.constexpr, F32_PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dx[t, rows, cols] = g'[t, rows, :] @ W[t, cols, :]^T`` (``W^T`` read through strides)."""
+    """``dx[t, rows, cols] = g[t, rows, :] @ W[t, cols, :]^T`` (``W^T`` read through strides)."""
     t = tl.program_id(1).to(tl.int64)
     tile_m, tile_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N)
     rows, cols = _span(tile_m, BLOCK_M), _span(tile_n, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
     ks = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + t * stride_gt + rows[:, None] * stride_gm + ks[None, :] * stride_gk
-    y_ptrs = y_ptr + t * stride_yt + rows[:, None] * stride_ym + ks[None, :] * stride_yk
     w_ptrs = w_ptr + t * stride_wt + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_mask = ks < K - k_start
-        g_mask = row_mask[:, None] & k_mask[None, :]
-        g = _gated(tl.load(g_ptrs, mask=g_mask, other=0.0), y_ptrs, g_mask, RELU)
+        g = tl.load(g_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _mma(g, w, acc, F32_PRECISION)
         g_ptrs += BLOCK_K * stride_gk
-        y_ptrs += BLOCK_K * stride_yk
         w_ptrs += BLOCK_K * stride_wk
     dx_ptrs = dx_ptr + t * stride_dxt + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -224,19 +209,18 @@ def _grad_input_kernel(
 
 @triton.jit
 def _grad_params_kernel(
-    x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr,
+    x_ptr, g_ptr, dw_ptr, db_ptr,
     M, N, K,  # M = I (inputs), N = O (outputs), K = B (examples)
     stride_xt, stride_xk, stride_xm,
     stride_gt, stride_gk, stride_gn,
-    stride_yt, stride_yk, stride_yn,
     stride_dwt, stride_dwm, stride_dwn,
     stride_dbt, stride_dbn,
-    RELU: tl.constexpr, F32_PRECISION: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dW[t, rows, cols] = x[t, :, rows]^T @ g'[t, :, cols]``.
+    """``dW[t, rows, cols] = x[t, :, rows]^T @ g[t, :, cols]``.
 
-    The programs of the first row tile also write ``db[t, cols] = sum_i g'[t, i, cols]``.
+    The programs of the first row tile also write ``db[t, cols] = sum_i g[t, i, cols]``.
     """
     t = tl.program_id(1).to(tl.int64)
     tile_m, tile_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N)
@@ -246,20 +230,17 @@ def _grad_params_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t * stride_xt + rows[:, None] * stride_xm + ks[None, :] * stride_xk
     g_ptrs = g_ptr + t * stride_gt + ks[:, None] * stride_gk + cols[None, :] * stride_gn
-    y_ptrs = y_ptr + t * stride_yt + ks[:, None] * stride_yk + cols[None, :] * stride_yn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_mask = ks < K - k_start
-        g_mask = k_mask[:, None] & col_mask[None, :]
-        g = _gated(tl.load(g_ptrs, mask=g_mask, other=0.0), y_ptrs, g_mask, RELU)
+        g = tl.load(g_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc = _mma(x, g, acc, F32_PRECISION)
         if writes_bias:
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
         x_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_gk
-        y_ptrs += BLOCK_K * stride_yk
     dw_ptrs = dw_ptr + t * stride_dwt + rows[:, None] * stride_dwm + cols[None, :] * stride_dwn
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
     if writes_bias:
@@ -289,8 +270,8 @@ def _check_supported(**tensors: torch.Tensor) -> None:
 
 
 @launches_on_input_device
-def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    """``y[t] = act(x[t] @ weight[t] + bias[t])`` with ``act`` = ``activation`` (``"none"`` or ``"relu"``).
+def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``y[t] = x[t] @ weight[t] + bias[t]``.
 
     Args:
         x: ``[T, B, I]``, any strides; weight: ``[T, I, O]``; bias: ``[T, O]``; one dtype and device;
@@ -308,7 +289,7 @@ def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         x, weight, bias, y,
         B, O, I,
         *x.stride(), *weight.stride(), *bias.stride(), *y.stride(),
-        RELU=activation == "relu", F32_PRECISION=_float32_precision(),
+        F32_PRECISION=_float32_precision(),
         **_launch_options(tiling),
     )
     return y
@@ -319,31 +300,25 @@ def stacked_linear_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    y: torch.Tensor,
-    activation: str,
     needs_input: bool,
     needs_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`stacked_linear_forward` with ``g' = grad_y * relu'(y)`` (``grad_y`` for ``"none"``).
+    """Gradients of :func:`stacked_linear_forward` for the upstream gradient ``g = grad_y``.
 
-    ``dx[t] = g'[t] @ weight[t]^T``, ``dW[t] = x[t]^T @ g'[t]``, ``db[t] = sum_i g'[t, i]``.
+    ``dx[t] = g[t] @ weight[t]^T``, ``dW[t] = x[t]^T @ g[t]``, ``db[t] = sum_i g[t, i]``.
 
     Args:
         grad_y: ``[T, B, O]``, any strides; x: ``[T, B, I]``, any strides; weight: ``[T, I, O]``;
             every dimension >= 1, row and column strides below ``MAX_STRIDE``.
-        y: the forward output ``[T, B, O]`` (read for ReLU only; pass any ``[T, B, O]`` tensor, e.g.
-            ``grad_y``, for ``"none"``).
         needs_input: compute ``dx``; needs_params: compute ``dW`` and ``db`` (one pass gives both).
 
     Returns:
         ``(dx [T, B, I] with x's strides, dW [T, I, O], db [T, O])`` in the inputs' dtype; a gradient
         that is not needed is an empty tensor.
     """
-    _check_supported(grad_y=grad_y, x=x, weight=weight, y=y)
+    _check_supported(grad_y=grad_y, x=x, weight=weight)
     T, B, I = x.shape
     O = weight.shape[2]
-    relu = activation == "relu"
-    gate = y if relu else grad_y  # an unread stand-in when there is no ReLU gate
     precision = _float32_precision()
     dx = torch.empty_like(x) if needs_input else x.new_empty((0,))
     dW = weight.new_empty((T, I, O)) if needs_params else x.new_empty((0,))
@@ -351,21 +326,21 @@ def stacked_linear_backward(
     if needs_input:
         tiling = _tiling(x, T, B, I, O)
         _grad_input_kernel[tiling.grid](
-            grad_y, gate, weight, dx,
+            grad_y, weight, dx,
             B, I, O,
-            *grad_y.stride(), *gate.stride(),
+            *grad_y.stride(),
             *weight.stride(),
             *dx.stride(),
-            RELU=relu, F32_PRECISION=precision,
+            F32_PRECISION=precision,
             **_launch_options(tiling),
         )
     if needs_params:
         tiling = _tiling(x, T, I, O, B)
         _grad_params_kernel[tiling.grid](
-            x, grad_y, gate, dW, db,
+            x, grad_y, dW, db,
             I, O, B,
-            *x.stride(), *grad_y.stride(), *gate.stride(), *dW.stride(), *db.stride(),
-            RELU=relu, F32_PRECISION=precision,
+            *x.stride(), *grad_y.stride(), *dW.stride(), *db.stride(),
+            F32_PRECISION=precision,
             **_launch_options(tiling),
         )
     return dx, dW, db
