@@ -125,8 +125,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["noprop", "noprop.models", "noprop.kernels", "noprop.bench"],
-    package_dir={"noprop": "noprop", "noprop.kernels": "kernels", "noprop.bench": "bench"},
+    # bench/ is not installed: benchmarks run from a checkout (python -m bench.ops, noprop bench)
+    packages=["noprop", "noprop.models", "noprop.kernels"],
+    package_dir={"noprop": "noprop", "noprop.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -2,7 +2,10 @@
 
 Usage::
 
-    python -m noprop.bench.accuracy [--data-dir ../shared/data/mnist] [--runs NAME ...] [--out DIR]
+    python -m bench.accuracy [--data-dir DIR] [--runs NAME ...] [--out DIR]
+
+``--data-dir`` is a folder with the MNIST t10k IDX files (default: ``shared/data/mnist`` in the
+checkout's parent folder).
 
 Trains each run of :data:`RUNS` with :func:`noprop.train.train` on the real MNIST *test* set split
 8,000 / 2,000 (:func:`noprop.data.mnist_test_split`; the 60,000 training images cannot be
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from noprop.bench.environment import REPO, device_name, device_tag, utc_now, versions
+from bench.environment import REPO, device_name, device_tag, utc_now, versions
 from noprop.data import mnist_test_split
 from noprop.train import TrainConfig, evaluate, train
 
@@ -92,7 +95,7 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen runs and write/update the JSON; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m noprop.bench.accuracy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mnist"), help="folder with the t10k IDX files")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--device", default="cpu")

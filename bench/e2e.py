@@ -1,7 +1,8 @@
 """End-to-end benchmark: NoProp-DT training throughput and memory, and DT/CT/FM inference throughput.
 
-Run it as ``noprop bench [options]`` or ``python -m noprop.bench.e2e [options]``; it writes
-``bench/results/train-<device>.json`` and a plot beside it.
+Run it from a source checkout as ``noprop bench [options]`` or ``python -m bench.e2e [options]``;
+it writes ``train-<device>.json`` and a plot beside it into ``--out`` (default: the current
+directory), recording the commit of the checkout (or that the code is not a git checkout).
 
 Training cases, on MNIST-shaped data (1x28x28 images, 10 classes, B = 128, T = 10, the paper's
 block at full width; the images are random, which does not change the work per step):
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import pathlib
@@ -41,9 +43,10 @@ from typing import Callable
 import torch
 
 from noprop import NoPropCT, NoPropDT, NoPropFM
-from noprop.bench.environment import device_name, device_tag, utc_now, versions
-from noprop.bench.loops import SeedStyleLoop
+from bench.environment import REPO, device_name, device_tag, utc_now, versions
+from bench.loops import SeedStyleLoop
 from noprop.step import TrainStep
+from noprop.timing import cuda_event_times
 from noprop.train import TrainConfig, build_optimizer
 
 TRAIN_CASES = ("paper_loop", "seed_style", "stack_eager", "compiled_loop", "fused", "fused_chunk1")
@@ -52,7 +55,6 @@ DATASET_SIZE = 60_000
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
 POOL = 2048  # distinct random images the steps cycle through
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -67,7 +69,7 @@ def _batches(device: torch.device, batch_size: int) -> list[tuple[torch.Tensor, 
 
 def _fused_backend(device: torch.device) -> str:
     """The fused backend that runs on ``device``: ``auto``'s choice on a GPU, the extension's host build on the CPU."""
-    return "auto" if device.type == "cuda" else "cuda"
+    return "auto" if device.type == "cuda" else "extension"
 
 
 def build_case(name: str, device: torch.device, T: int, width: float) -> tuple[Callable, int]:
@@ -108,18 +110,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_steps(run: Callable, inputs: list, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``steps`` calls of ``run(*inputs[i])`` after ``warmup`` untimed calls."""
+    """Seconds of each of ``steps`` calls of ``run(*inputs[i])`` after ``warmup`` untimed calls
+    (CUDA events on a GPU, :func:`noprop.timing.cuda_event_times`; ``time.perf_counter`` on the CPU)."""
+    if device.type == "cuda":
+        calls = itertools.count()
+        times_ms = cuda_event_times(lambda: run(*inputs[next(calls) % len(inputs)]), warmup, steps)
+        return [ms / 1e3 for ms in times_ms]
     for i in range(warmup):
         run(*inputs[i % len(inputs)])
-    _synchronize(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            run(*inputs[i % len(inputs)])
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
     seconds = []
     for i in range(steps):
         begin = time.perf_counter()
@@ -259,7 +257,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 50 on a GPU, 5 on the CPU)")
     parser.add_argument("--inference-batch", type=int, default=None, help="default 1024 on a GPU, 256 on the CPU")
     parser.add_argument("--ode-steps", type=int, default=None, help="CT/FM inference steps (default 1000 on a GPU, 50 on the CPU)")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for train-<device>.json and .png")
+    parser.add_argument("--out", default=".", help="folder for train-<device>.json and .png (default: the current directory)")
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)  # internal: a CPU case in its own process
     return parser.parse_args(argv)
 
@@ -286,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             training[case] = run_training_case(case, device, args.T, args.width, args.batch_size, warmup_for(case), steps)
         else:  # a process per case, so each reports its own peak memory
-            command = [sys.executable, "-m", "noprop.bench.e2e", "--device", "cpu", "--one-case", case, "--T", str(args.T),
+            command = [sys.executable, "-m", "bench.e2e", "--device", "cpu", "--one-case", case, "--T", str(args.T),
                        "--batch-size", str(args.batch_size), "--width", str(args.width), "--steps", str(steps),
                        "--warmup", str(warmup_for(case))]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
             training[case] = json.loads(output.strip().splitlines()[-1])
         print(f"  {training[case]['epoch_seconds']:.1f} s/epoch, {training[case]['peak_memory_mb']:.0f} MB", file=sys.stderr)
     inference = {}

@@ -48,7 +48,11 @@ def _git(*args: str) -> str | None:
 
 
 def versions() -> dict:
-    """torch, triton, CUDA, python versions and the noprop commit, with the library sources that differ from it."""
+    """torch, triton, CUDA, python versions and the noprop commit, with the library sources that differ from it.
+
+    ``checkout`` says where the code ran from: the git checkout's path, or that ``REPO`` is not a
+    git checkout (then ``noprop_commit`` is None).
+    """
     try:
         import triton
 
@@ -56,9 +60,11 @@ def versions() -> dict:
     except ImportError:
         triton_version = None
     status = _git("status", "--porcelain", "--", "noprop", "kernels", "csrc", "setup.py")
+    commit = _git("rev-parse", "HEAD")
     return dict(
+        checkout=str(REPO) if commit else f"not a git checkout: {REPO} (no commit recorded)",
         torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
-        noprop_commit=_git("rev-parse", "HEAD"),
+        noprop_commit=commit,
         noprop_uncommitted=None if status is None else [line[3:] for line in status.splitlines()],
     )
 

@@ -1,6 +1,6 @@
 """What the fused-op microbenchmarks measure: shapes, op cases, their inputs, and the bytes they must move.
 
-The one definition shared by the script :mod:`noprop.bench.ops` and the pytest-benchmark file
+The one definition shared by the script :mod:`bench.ops` and the pytest-benchmark file
 ``bench/test_bench_ops.py``.
 
 Op cases (float32, every input created once, outside any timed region):
@@ -20,7 +20,14 @@ case                     passes  call
 ``latent_update[BP]``    fwd,    one step of the back-propagation baseline on ``z [B, D]``:
                          bwd     ``latent_update(logits [B, C], W, z, alpha, 1 - alpha, 0, seed)``, 0-dim
                                  ``alpha``; bwd = grads for ``logits, W, z, alpha``
+``stacked_linear``       fwd,    ``stacked_linear(x [T, B, D], weight [T, D, H], bias [T, H])`` with
+                         bwd     ``H = 256`` (T fully connected layers of BlockStack); bwd = grads for
+                                 ``x, weight, bias``. Measured, not judged by the criteria: its
+                                 reference is cuBLAS, and ``auto`` picks the faster of the two
 =======================  ======  ===============================================================
+
+A backend that lacks an op (the registry's ``lacks``, e.g. the extension's ``stacked_linear``) is
+not timed on that op's cases.
 
 Inputs that training differentiates have ``requires_grad`` set, so the forward pass records the
 autograd graph as training does. A backward callable runs ``torch.autograd.grad`` with
@@ -39,12 +46,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from noprop import ops
+from noprop import backends, ops
 
 F32 = 4  # bytes of a float32
 I64 = 8  # bytes of an int64 (labels, seed)
 PASSES = ("fwd", "bwd")
 SEED = 20250331
+STACKED_LINEAR_OUT = 256  # H: output features of the stacked_linear case (the paper block's hidden width)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,9 @@ def _random(shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
         step_logits=3 * torch.randn(B, C, generator=g),
         z=torch.randn(B, D, generator=g),
         pqr=torch.rand(3, generator=g),
+        x=torch.randn(T, B, D, generator=g),
+        linear_weight=torch.randn(T, D, STACKED_LINEAR_OUT, generator=g) / D**0.5,
+        linear_bias=torch.randn(T, STACKED_LINEAR_OUT, generator=g),
         seed=torch.tensor([SEED], dtype=torch.int64),
     )
     return {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -171,6 +182,12 @@ def _latent_update_bp_setup(shape: Shape, backend: str, device: torch.device):
     return forward, (logits, W, z, alpha)
 
 
+def _stacked_linear_setup(shape: Shape, backend: str, device: torch.device):
+    x = _random(shape, device)
+    leaves = _grad_leaves(x, ("x", "linear_weight", "linear_bias"))
+    return (lambda: ops.stacked_linear(*leaves, backend=backend)), leaves
+
+
 # ---------------------------------------------------------------------------------------------- bytes
 
 
@@ -213,6 +230,14 @@ def _latent_update_bp_bytes(s: Shape) -> dict[str, int]:
     return {"fwd": F32 * (BC + CD + BD + 1 + BD), "bwd": F32 * (BD + BC + CD + BD + 1) + F32 * (BC + CD + BD + 1)}
 
 
+def _stacked_linear_bytes(s: Shape) -> dict[str, int]:
+    """fwd: read ``x [T, B, D], weight [T, D, H], bias [T, H]``, write ``y [T, B, H]``.
+    bwd: read ``grad_y [T, B, H], x, weight``, write ``dx, dweight, dbias``."""
+    H = STACKED_LINEAR_OUT
+    x, w, b, y = s.T * s.B * s.D, s.T * s.D * H, s.T * H, s.T * s.B * H
+    return {"fwd": F32 * (x + w + b + y), "bwd": F32 * (y + x + w) + F32 * (x + w + b)}
+
+
 # ---------------------------------------------------------------------------------------------- cases
 
 
@@ -226,6 +251,7 @@ class OpCase:
     passes: tuple[str, ...]
     setup: Setup
     byte_counts: Callable[[Shape], dict[str, int]]
+    judged: bool = True  # whether the acceptance criteria (bench/ops_criteria.py) apply to it
 
     def bytes_moved(self, shape: Shape, pass_: str) -> int:
         """Bytes the op must read and write at least in ``pass_`` (see the module docstring)."""
@@ -239,6 +265,7 @@ CASES = (
     OpCase("denoising_loss[FM]", "denoising_loss", "FM", PASSES, _loss_fm_setup, lambda s: _loss_bytes(s, True)),
     OpCase("latent_update", "latent_update", "", ("fwd",), _latent_update_setup, _latent_update_bytes),
     OpCase("latent_update[BP]", "latent_update", "BP", PASSES, _latent_update_bp_setup, _latent_update_bp_bytes),
+    OpCase("stacked_linear", "stacked_linear", "", PASSES, _stacked_linear_setup, _stacked_linear_bytes, judged=False),
 )
 CASE_PASSES = tuple((case, pass_) for case in CASES for pass_ in case.passes)
 
@@ -269,7 +296,7 @@ def timed_backends(device: torch.device) -> dict[str, str]:
     so it is never timed on the CPU.
     """
     skipped = {}
-    for name, status in ops.available_backends().items():
+    for name, status in backends.statuses().items():
         if name == "triton" and device.type == "cpu":
             skipped[name] = (
                 "on the CPU, Triton runs in its interpreter (TRITON_INTERPRET=1): a correctness tool, not timed"
@@ -279,3 +306,8 @@ def timed_backends(device: torch.device) -> dict[str, str]:
         else:
             skipped[name] = ""
     return skipped
+
+
+def lacks(backend: str, case: OpCase) -> str:
+    """Why ``backend`` has no implementation of ``case``'s op (the registry's declaration), or ``""``."""
+    return backends.get(backend).lacks.get(case.op, "")

@@ -2,16 +2,16 @@
 
 Usage::
 
-    python -m noprop.bench.ops [--device cpu|cuda] [--quick] [--out DIR] [--threads N]
+    python -m bench.ops [--device cpu|cuda] [--quick] [--out DIR] [--threads N]
 
-What is measured (op cases, shapes, inputs and byte counts: :mod:`noprop.bench.op_cases`; timers:
-:mod:`noprop.bench.timing`): for every (op case, pass, shape, backend) the median per-call time
+What is measured (op cases, shapes, inputs and byte counts: :mod:`bench.op_cases`; timers:
+:mod:`bench.timing`): for every (op case, pass, shape, backend) the median per-call time
 and its p20/p80 spread, the speedup of each fused backend over the reference, and on CUDA the
 memory-bandwidth floor (bytes the op must move / the device-to-device copy bandwidth measured in
 the same run), the ratio measured / floor, and the peak memory one call allocates.
 
 Writes ``<out>/ops-<device-tag>.json`` and ``.png`` (default ``bench/results``), prints a markdown
-table for the README, and the acceptance criteria of :mod:`noprop.bench.ops_criteria` (the
+table for the README, and the acceptance criteria of :mod:`bench.ops_criteria` (the
 ``criteria`` section of the JSON).
 """
 
@@ -27,9 +27,9 @@ from typing import Sequence
 
 import torch
 
-from noprop.bench import op_cases, ops_criteria, timing
-from noprop.bench.environment import REPO, device_name, device_tag, utc_now, versions
-from noprop.bench.op_cases import CASE_PASSES, SHAPES, Shape
+from bench import op_cases, ops_criteria, timing
+from bench.environment import REPO, device_name, device_tag, utc_now, versions
+from bench.op_cases import CASE_PASSES, SHAPES, Shape
 
 RESULTS = REPO / "bench" / "results"
 SCHEMA = "noprop.bench.ops/1"
@@ -63,6 +63,8 @@ def measure(
             floor_ms = nbytes / bandwidth * 1e3 if bandwidth else None
             reference_ms = None
             for backend in backends:
+                if op_cases.lacks(backend, case):
+                    continue
                 fn = op_cases.prepare(case, pass_, shape, backend, device)
                 result = timing.time_callable(fn, device, config)
                 if backend == "reference":
@@ -169,7 +171,7 @@ def criteria_lines(report: dict) -> str:
 
 def write(report: dict, out_dir: str | os.PathLike = RESULTS) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``ops-<tag>.json`` and ``ops-<tag>.png`` into ``out_dir``; return both paths."""
-    from noprop.bench import ops_plot
+    from bench import ops_plot
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ def write(report: dict, out_dir: str | os.PathLike = RESULTS) -> tuple[pathlib.P
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: measure, write JSON and PNG, print the markdown table and the criteria."""
-    parser = argparse.ArgumentParser(prog="python -m noprop.bench.ops", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.ops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     quick_help = f"only shapes {', '.join(op_cases.QUICK_SHAPES)}, shorter sampling"
     parser.add_argument("--quick", action="store_true", help=quick_help)

@@ -1,4 +1,4 @@
-"""The figure of an op-microbenchmark report (:mod:`noprop.bench.ops`), drawn with matplotlib's Agg backend.
+"""The figure of an op-microbenchmark report (:mod:`bench.ops`), drawn with matplotlib's Agg backend.
 
 One row per timed fused backend. Left: speedup over the reference (log scale) per op case and
 pass, one bar per shape. Right, on CUDA only: the fraction of the bandwidth floor reached
@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from noprop.bench.ops_criteria import GPU_FLOOR_RATIO_MAX, GPU_SPEEDUP_MIN  # noqa: E402
+from bench.ops_criteria import GPU_FLOOR_RATIO_MAX, GPU_SPEEDUP_MIN  # noqa: E402
 
 
 def _bars(axis, records: list[dict], categories: list[tuple[str, str]], shapes: list[str], key) -> None:

@@ -3,7 +3,7 @@
 Run with ``python -m pytest bench/test_bench_ops.py --benchmark-only`` (not part of the default
 test suite: pyproject's ``testpaths`` is ``tests``). Parametrized over every backend, every op
 case and pass, and a few shapes; the op cases, their inputs and their byte counts come from
-:mod:`noprop.bench.op_cases`, shared with the script :mod:`noprop.bench.ops`.
+:mod:`bench.op_cases`, shared with the script :mod:`bench.ops`.
 
 The device is CUDA when one is present, else the CPU (where Triton's interpreter is not timed).
 Each benchmark calls its op once before timing (Triton compilation, allocator growth). On CUDA
@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noprop.bench import op_cases
-from noprop.ops import BACKENDS
+from bench import op_cases
+from noprop import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = op_cases.shapes_named(op_cases.QUICK_SHAPES + (("large",) if DEVICE.type == "cuda" else ()))
@@ -31,9 +31,9 @@ def _case_id(case: op_cases.OpCase, pass_: str) -> str:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape.name for shape in SHAPES])
 @pytest.mark.parametrize("case,pass_", op_cases.CASE_PASSES, ids=[_case_id(c, p) for c, p in op_cases.CASE_PASSES])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends.names())
 def test_op(benchmark, backend: str, case: op_cases.OpCase, pass_: str, shape: op_cases.Shape) -> None:
-    why = op_cases.timed_backends(DEVICE)[backend]
+    why = op_cases.timed_backends(DEVICE)[backend] or op_cases.lacks(backend, case)
     if why:
         pytest.skip(why)
     fn = op_cases.prepare(case, pass_, shape, backend, DEVICE)

@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from noprop.timing import cuda_event_times
+
 
 @dataclass(frozen=True)
 class TimingConfig:
@@ -83,12 +85,7 @@ def time_cuda(fn: Callable[[], object], config: TimingConfig) -> Timing:
 
     fn()  # first call: Triton JIT compilation, allocator growth; never timed
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    estimate_ms = start.elapsed_time(end)
+    (estimate_ms,) = cuda_event_times(fn, warmup=0, runs=1)
     rep_ms = max(config.rep_ms, 1.5 * config.min_samples * estimate_ms)
     warmup_ms = max(config.warmup_ms, 2 * estimate_ms)
     # quantiles rather than return_mode="all", which Triton 3.1 (torch 2.5) does not have

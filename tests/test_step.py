@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.loops import SeedStyleLoop
 from conftest import disable_dropout, fused_backend_or_skip
-from noprop import NoPropDT
-from noprop.bench.loops import SeedStyleLoop
+from noprop import NoPropDT, backends
 from noprop.step import TrainStep, restore_optimizer_state_, snapshot_optimizer_state
 from noprop.train import TrainConfig, build_optimizer
 
@@ -102,7 +102,7 @@ def test_block_chunks_compute_the_unchunked_gradients(chunk):
         torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=2e-5 * scale)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("backend", backends.names())
 def test_compiled_step_matches_eager(backend):
     """torch.compile(fullgraph=True) of the DT loss on CPU gives the eager losses and parameters.
 
