@@ -33,8 +33,10 @@ test-fast: setup
 train: setup
 	$(BIN)/noprop train --method dt --dataset mnist --epochs $(EPOCHS) --out $(OUT)
 
+# Benchmarks run from this checkout (bench/ is not installed); results go to bench/results.
 bench: setup
-	$(BIN)/noprop bench
+	$(BIN)/python -m bench.ops --out bench/results
+	$(BIN)/noprop bench --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info noprop/_C*.so .pytest_cache

@@ -146,65 +146,41 @@ def _mma(a, b, acc, F32_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, N, K,  # M = B (examples), N = O (outputs), K = I (inputs)
-    stride_xt, stride_xm, stride_xk,
-    stride_wt, stride_wk, stride_wn,
-    stride_bt, stride_bn,
-    stride_yt, stride_ym, stride_yn,
-    F32_PRECISION: tl.constexpr,
+def _gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_at, stride_am, stride_ak,
+    stride_bt, stride_bk, stride_bn,
+    stride_biast, stride_biasn,
+    stride_ct, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, F32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``y[t, rows, cols] = x[t, rows, :] @ W[t, :, cols] + b[t, cols]`` for ``t = program_id(1)``."""
+    """``c[t, rows, cols] = a[t, rows, :] @ b[t, :, cols] (+ bias[t, cols])`` for ``t = program_id(1)``.
+
+    The forward (``a = x``, ``b = W``, with the bias; M = B, N = O, K = I) and the input gradient
+    (``a = g``, ``b = W^T`` read through strides, no bias; M = B, N = I, K = O).
+    """
     t = tl.program_id(1).to(tl.int64)
     tile_m, tile_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N)
     rows, cols = _span(tile_m, BLOCK_M), _span(tile_n, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + t * stride_xt + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + t * stride_wt + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    a_ptrs = a_ptr + t * stride_at + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + t * stride_bt + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_mask = ks < K - k_start
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _mma(x, w, acc, F32_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    acc += tl.load(b_ptr + t * stride_bt + cols * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + t * stride_yt + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _grad_input_kernel(
-    g_ptr, w_ptr, dx_ptr,
-    M, N, K,  # M = B (examples), N = I (inputs), K = O (outputs)
-    stride_gt, stride_gm, stride_gk,
-    stride_wt, stride_wn, stride_wk,  # W[t, n, k]: read as the [K, N] operand W[t]^T
-    stride_dxt, stride_dxm, stride_dxn,
-    F32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """``dx[t, rows, cols] = g[t, rows, :] @ W[t, cols, :]^T`` (``W^T`` read through strides)."""
-    t = tl.program_id(1).to(tl.int64)
-    tile_m, tile_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N)
-    rows, cols = _span(tile_m, BLOCK_M), _span(tile_n, BLOCK_N)
-    row_mask, col_mask = rows < M, cols < N
-    ks = tl.arange(0, BLOCK_K)
-    g_ptrs = g_ptr + t * stride_gt + rows[:, None] * stride_gm + ks[None, :] * stride_gk
-    w_ptrs = w_ptr + t * stride_wt + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        k_mask = ks < K - k_start
-        g = tl.load(g_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _mma(g, w, acc, F32_PRECISION)
-        g_ptrs += BLOCK_K * stride_gk
-        w_ptrs += BLOCK_K * stride_wk
-    dx_ptrs = dx_ptr + t * stride_dxt + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _mma(a, b, acc, F32_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + t * stride_biast + cols * stride_biasn, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_ptrs = c_ptr + t * stride_ct + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -285,11 +261,11 @@ def stacked_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     O = weight.shape[2]
     y = x.new_empty((T, B, O))
     tiling = _tiling(x, T, B, O, I)
-    _forward_kernel[tiling.grid](
+    _gemm_kernel[tiling.grid](
         x, weight, bias, y,
         B, O, I,
         *x.stride(), *weight.stride(), *bias.stride(), *y.stride(),
-        F32_PRECISION=_float32_precision(),
+        HAS_BIAS=True, F32_PRECISION=_float32_precision(),
         **_launch_options(tiling),
     )
     return y
@@ -325,13 +301,15 @@ def stacked_linear_backward(
     db = weight.new_empty((T, O)) if needs_params else x.new_empty((0,))
     if needs_input:
         tiling = _tiling(x, T, B, I, O)
-        _grad_input_kernel[tiling.grid](
-            grad_y, weight, dx,
+        stride_wt, stride_wi, stride_wo = weight.stride()
+        _gemm_kernel[tiling.grid](
+            grad_y, weight, weight, dx,  # b = W[t]^T: element (o, i) at stride_wo * o + stride_wi * i; no bias
             B, I, O,
             *grad_y.stride(),
-            *weight.stride(),
+            stride_wt, stride_wo, stride_wi,
+            0, 0,
             *dx.stride(),
-            F32_PRECISION=precision,
+            HAS_BIAS=False, F32_PRECISION=precision,
             **_launch_options(tiling),
         )
     if needs_params:
