@@ -44,7 +44,7 @@ RUNS: dict[str, dict] = {
     "ct": dict(method="ct", width=0.25, epochs=20),
     "fm": dict(method="fm", width=0.25, epochs=10),
     "backprop": dict(method="backprop", width=0.25, epochs=2),
-    "adjoint": dict(method="adjoint", width=0.25, epochs=2, ode_steps=10),
+    "adjoint": dict(method="adjoint", width=0.25, epochs=3, ode_steps=10),
 }
 
 # How NoProp-CT is evaluated after training: label -> predict arguments.

@@ -23,9 +23,13 @@ def _odeint_adjoint():
 class Adjoint(TimeConditionedModel):
     """A neural ODE ``dz/dt = f(z, x, t)`` with the CT block, trained end to end with the adjoint method.
 
-    ``f(z, x, t) = softmax(block(x, z, t)) @ W_embed - z``: the latent flows towards the block's
-    predicted class embedding (this library's choice between the two the paper allows; the
-    softmax readout keeps the velocity bounded, so fixed-step Euler is stable at any step count).
+    ``f(z, x, t) = block(x, z, t) @ W_embed``: the block's logits read out linearly as a velocity,
+    as in NoProp-FM. This is this library's choice between the two fields the paper allows; the
+    other, ``softmax(logits) @ W_embed - z`` (a flow towards the predicted embedding), learns far
+    more slowly: its softmax damps the gradient to the block and ``e^-1 z_0`` of the starting
+    noise always remains in ``z_1``. Measured on the MNIST split (width 1/4, 10 Euler steps, Adam
+    at 1e-3, batch 128): training accuracy 80% after 120 steps with the linear field, 45% with
+    the softmax one.
     Training integrates from ``z_0 ~ N(0, I)`` to ``t = 1`` with ``torchdiffeq.odeint_adjoint``
     (fixed-step Euler of ``ode_steps`` steps, the paper's 1000 by default, forward and adjoint),
     then minimises ``CE(classifier(z_1), y)`` with a linear classifier. The adjoint pass stores no
@@ -41,7 +45,7 @@ class Adjoint(TimeConditionedModel):
     """
 
     method = "adjoint"
-    readout = "softmax"
+    readout = "linear"
     solvers = ("euler", "heun")
     default_solver = "euler"
 
@@ -66,9 +70,9 @@ class Adjoint(TimeConditionedModel):
         return {**super().config(), "ode_steps": self.ode_steps}
 
     def velocity(self, features: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``f = softmax(head(features, z, t)) @ W - z``: ``[B, D]`` from features ``[B, hidden]``, ``z [B, D]``, ``t [B]``."""
+        """``f = head(features, z, t) @ W``: ``[B, D]`` from features ``[B, hidden]``, ``z [B, D]``, ``t [B]``."""
         logits = self.block.head(features, z, t)
-        return ops.latent_update(logits, self.embedding.weight, z, 1.0, -1.0, 0.0, 0, backend=self.backend)
+        return ops.latent_update(logits, self.embedding.weight, z, 1.0, 0.0, 0.0, 0, readout="linear", backend=self.backend)
 
     def _adjoint_parameters(self) -> list[torch.Tensor]:
         """What ``f`` reads besides its state: the block's label, time and fusion layers, and a trained embedding."""
@@ -105,8 +109,8 @@ class Adjoint(TimeConditionedModel):
         return LossTerms(ce, {"ce": ce.detach()})
 
     def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dz/dt = u_hat - z``: ``P = 1``, ``Q = -1``."""
-        return torch.ones_like(t), -torch.ones_like(t)
+        """``dz/dt = logits @ W``: ``P = 1``, ``Q = 0``."""
+        return torch.ones_like(t), torch.zeros_like(t)
 
     def class_logits(self, z: torch.Tensor) -> torch.Tensor:
         """The classifier on ``z_1``."""
