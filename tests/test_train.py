@@ -26,7 +26,11 @@ def tiny_digits(n_train=96, n_test=48, seed=0):
 
 
 def config(tmp_path, **overrides):
-    base = dict(method="dt", T=3, width=0.125, batch_size=32, epochs=2, out=str(tmp_path / "run"), progress=False, inference_steps=4)
+    base = dict(method="dt", width=0.125, batch_size=32, epochs=2, out=str(tmp_path / "run"), progress=False)
+    if overrides.get("method", "dt") in ("dt", "backprop"):
+        base["T"] = 3  # T and inference steps only where the method has them
+    else:
+        base["inference_steps"] = 4
     return TrainConfig(**{**base, **overrides})
 
 
@@ -91,8 +95,10 @@ def test_nan_loss_stops_training_and_names_the_block(tmp_path, monkeypatch):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    train(config(tmp_path, epochs=1), dataset=tiny_digits())
+    state = ckpt.load(tmp_path / "run" / "checkpoint.pt")
     target = tmp_path / "checkpoint.pt"
-    ckpt.save_atomic({"format": ckpt.FORMAT_VERSION, "epoch": 1}, target)
+    ckpt.save_atomic(state, target)
 
     def crash(payload, stream):
         stream.write(b"partial bytes")
@@ -100,10 +106,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_atomic({"format": ckpt.FORMAT_VERSION, "epoch": 2}, target)
+        ckpt.save_atomic({**state, "epoch": 2}, target)
     monkeypatch.undo()
     assert ckpt.load(target)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "run"]
 
 
 @pytest.mark.parametrize(
