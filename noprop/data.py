@@ -11,18 +11,30 @@ Sources, tried in this order:
    images): a loud warning says so and :attr:`ImageDataset.name` records the dataset actually used.
 
 Images become float32, scaled to ``[0, 1]`` and standardised with the training set's per-channel
-mean and standard deviation. Values are checked once here (finite images, labels in range), so the
-training step needs no value checks that would synchronise the GPU.
+mean and standard deviation (or with given statistics: a checkpoint's, so evaluation and resumed
+training see inputs exactly as the model was trained on them). Values are checked once here
+(finite images, labels in range), so the training step needs no value checks that would
+synchronise the GPU.
+
+Every file read here fails with a ``ValueError`` that names the file and what is wrong with it
+(a damaged gzip stream, a bad IDX header, a CIFAR batch that is not the expected dict of arrays),
+never a raw error from ``gzip``, ``zlib``, ``pickle`` or the OS. CIFAR batches are Python pickles;
+they are read with an unpickler that only builds dicts, lists, strings, numbers and NumPy arrays,
+so a crafted batch file cannot run code.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import math
 import os
 import pathlib
 import pickle
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -57,8 +69,11 @@ class ImageDataset:
         train_x, test_x: float32 images ``[N, C, H, W]``, standardised.
         train_y, test_y: int64 labels ``[N]``.
         num_classes: number of classes.
-        mean, std: the per-channel statistics used to standardise (from the training images).
+        mean, std: the per-channel statistics used to standardise (from the training images,
+            unless given, e.g. from a checkpoint).
         fallback_reason: why the requested dataset was replaced, or None.
+        fingerprint: SHA-256 of the raw training and of the raw test split (images and labels,
+            before any limit), ``{"train": hex, "test": hex}``: resuming checks it is the same data.
     """
 
     name: str
@@ -72,6 +87,7 @@ class ImageDataset:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     fallback_reason: str | None = None
+    fingerprint: dict = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -101,26 +117,44 @@ class ImageDataset:
             "mean": self.mean,
             "std": self.std,
             "fallback_reason": self.fallback_reason,
+            "fingerprint": self.fingerprint,
         }
 
 
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an IDX file (optionally gzipped): uint8 images ``[N, H, W]`` or labels ``[N]``."""
+    """Read an IDX file (optionally gzipped): uint8 images ``[N, H, W]`` or labels ``[N]``.
+
+    Raises:
+        ValueError: naming ``path``: it cannot be read, its gzip stream is damaged, or its IDX
+            header is wrong or disagrees with the file's length.
+    """
     path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        kind = "a gzipped IDX file" if gzipped else "an IDX file"
+        raise ValueError(f"{path}: cannot be read as {kind} ({_reason(error)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     if data[2] != 0x08:
         raise ValueError(f"{path}: expected unsigned-byte IDX data (type 0x08), got type {data[2]:#04x}")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) if dims else 0
+    if ndim == 0 or len(data) < offset:
+        raise ValueError(f"{path}: IDX header truncated or without dimensions ({ndim} dimensions, {len(data)} bytes)")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = math.prod(dims)
     if len(data) - offset != expected:
         raise ValueError(f"{path}: header promises {expected} values, file holds {len(data) - offset}")
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy())
@@ -128,7 +162,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 
 def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     for candidate in sorted(directory.rglob(stem + "*")):
-        if candidate.name in (stem, stem + ".gz"):
+        if candidate.name in (stem, stem + ".gz") and candidate.is_file():
             return candidate
     return None
 
@@ -147,14 +181,61 @@ def load_idx_folder(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"data_dir: {directory} lacks the IDX files {missing} (optionally .gz)")
     arrays = {key: read_idx(path) for key, path in found.items()}
+    for key, path in found.items():
+        wanted = 3 if key.endswith("_x") else 1
+        if arrays[key].dim() != wanted:
+            what = "images [N, H, W]" if wanted == 3 else "labels [N]"
+            raise ValueError(f"{path}: expected {what}, got an IDX array of shape {list(arrays[key].shape)}")
     arrays["train_x"] = arrays["train_x"].unsqueeze(1)
     arrays["test_x"] = arrays["test_x"].unsqueeze(1)
     return arrays
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain data and NumPy arrays (the contents of a CIFAR batch)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only plain data and NumPy arrays are allowed)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: pathlib.Path) -> dict:
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="latin1")
+    try:
+        with open(path, "rb") as handle:
+            return _ArrayUnpickler(io.BufferedReader(handle), encoding="latin1").load()
+    except Exception as error:  # pickle, EOF, OS, NumPy reconstruction errors
+        raise ValueError(f"{path}: not a readable CIFAR batch ({_reason(error)})") from None
+
+
+def _cifar_batch(path: pathlib.Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``data`` [N, 3072] uint8 images and the ``label_key`` labels [N] of one CIFAR batch file, checked."""
+    batch = _unpickle(path)
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: expected a CIFAR batch dict with 'data' and {label_key!r}, got {keys}")
+    images = batch["data"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        shape = list(images.shape) if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"{path}: 'data' must be uint8 images [N, 3072], got {shape}")
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{path}: {label_key!r} must be integer labels ({_reason(error)})") from None
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{path}: {images.shape[0]} images but {label_key!r} has shape {list(labels.shape)}")
+    return images, labels
 
 
 def load_cifar_folder(directory: str | os.PathLike, num_classes: int) -> dict[str, torch.Tensor]:
@@ -173,9 +254,12 @@ def load_cifar_folder(directory: str | os.PathLike, num_classes: int) -> dict[st
         raise ValueError(f"data_dir: {directory} holds no {folder_name} folder with {train_names + [test_name]}")
 
     def read(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = [_unpickle(folder / name) for name in names]
-        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"data_dir: {folder} lacks the CIFAR batches {missing}")
+        batches = [_cifar_batch(folder / name, label_key) for name in names]
+        images = np.concatenate([images for images, _ in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([labels for _, labels in batches])
         return torch.from_numpy(images), torch.from_numpy(labels).long()
 
     train_x, train_y = read(train_names)
@@ -228,22 +312,34 @@ def from_uint8(
     arrays: dict[str, torch.Tensor],
     num_classes: int,
     fallback_reason: str | None = None,
+    normalization: tuple[list[float], list[float]] | None = None,
 ) -> ImageDataset:
-    """Standardise uint8 images with the training set's per-channel statistics and check the values once.
+    """Standardise uint8 images with per-channel statistics and check the values once.
+
+    Args:
+        normalization: ``(mean, std)`` per channel, of images scaled to ``[0, 1]``, to use instead
+            of the training images' own (a checkpoint's, see :func:`load_dataset`).
 
     Raises:
-        ValueError: labels outside ``[0, num_classes)`` or image/label counts that differ.
+        ValueError: an empty split, labels outside ``[0, num_classes)``, image/label counts that
+            differ, or a ``normalization`` that is not one finite mean and positive std per channel.
     """
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{source}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
+        if images.shape[0] == 0:
+            raise ValueError(f"{source}: the {split} split holds no images")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"{source}: {split} labels outside [0, {num_classes})")
+    fingerprint = {split: _fingerprint(arrays[f"{split}_x"], arrays[f"{split}_y"]) for split in ("train", "test")}
     train = arrays["train_x"].float().div_(255.0)
     test = arrays["test_x"].float().div_(255.0)
-    mean = train.mean(dim=(0, 2, 3))
-    std = train.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    if normalization is None:
+        mean = train.mean(dim=(0, 2, 3))
+        std = train.std(dim=(0, 2, 3)).nan_to_num(1.0).clamp_min(1e-6)  # one image: no spread
+    else:
+        mean, std = _check_normalization(normalization, train.shape[1])
     scale = (lambda images: (images - mean[None, :, None, None]) / std[None, :, None, None])
     return ImageDataset(
         name=name,
@@ -257,7 +353,28 @@ def from_uint8(
         mean=mean.tolist(),
         std=std.tolist(),
         fallback_reason=fallback_reason,
+        fingerprint=fingerprint,
     )
+
+
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in (images, labels.long()):
+        digest.update(str(list(tensor.shape)).encode())
+        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+def _check_normalization(normalization: object, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        mean, std = (torch.tensor([float(v) for v in values], dtype=torch.float32) for values in normalization)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"normalization: expected (mean, std) lists of numbers ({_reason(error)})") from None
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(f"normalization: expected {channels} means and stds (one per channel), got {list(mean.shape)} and {list(std.shape)}")
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"normalization: expected finite means and positive stds, got {mean.tolist()} and {std.tolist()}")
+    return mean, std
 
 
 MNIST_TEST_SPLIT_TRAIN = 8000  # images of the MNIST test set used for training in the test-set split
@@ -303,6 +420,7 @@ def load_dataset(
     train_limit: int | None = None,
     eval_limit: int | None = None,
     seed: int = 0,
+    normalization: tuple[list[float], list[float]] | None = None,
 ) -> ImageDataset:
     """Load ``name`` (see the module docstring for the order of sources) as standardised tensors.
 
@@ -314,9 +432,12 @@ def load_dataset(
         train_limit: keep this many training images (a seeded random subset).
         eval_limit: keep the first this many test images.
         seed: seed of the training subset and of the fallback's split.
+        normalization: ``(mean, std)`` per channel to standardise with instead of the training
+            images' own statistics (a checkpoint's ``dataset`` record holds them).
 
     Raises:
-        ValueError: unknown dataset, a missing ``data_dir`` or files missing from it, bad limits.
+        ValueError: unknown dataset, a missing ``data_dir`` or files missing from it, a damaged
+            file (named), bad limits.
     """
     check_choice("dataset", name, tuple(DATASETS))
     _check_limits(train_limit, eval_limit)
@@ -326,24 +447,28 @@ def load_dataset(
         if not directory.is_dir():
             raise ValueError(f"data_dir: {directory} is not a directory")
         arrays = load_idx_folder(directory) if channels == 1 else load_cifar_folder(directory, num_classes)
-        dataset = from_uint8(name, name, f"local files in {directory}", arrays, num_classes)
+        dataset = from_uint8(name, name, f"local files in {directory}", arrays, num_classes, normalization=normalization)
     else:
         root = pathlib.Path(root) if root is not None else default_root()
         try:
             if not download:
                 raise RuntimeError("downloads are disabled")
             arrays = _download_with_torchvision(name, root)
-            dataset = from_uint8(name, name, f"torchvision ({root})", arrays, num_classes)
+            dataset = from_uint8(name, name, f"torchvision ({root})", arrays, num_classes, normalization=normalization)
         except Exception as error:  # no network, a broken mirror, a partial download
             reason = " ".join(str(error).split())[:300] or type(error).__name__
             _warn_fallback(name, reason)
             arrays = _sklearn_digits(seed)
-            dataset = from_uint8(OFFLINE_FALLBACK, name, "scikit-learn load_digits (offline fallback)", arrays, 10, reason)
+            dataset = from_uint8(
+                OFFLINE_FALLBACK, name, "scikit-learn load_digits (offline fallback)", arrays, 10, reason, normalization=normalization
+            )
     return limit(dataset, train_limit, eval_limit, seed)
 
 
 def _check_limits(train_limit: int | None, eval_limit: int | None) -> None:
     for label, value in (("train_limit", train_limit), ("eval_limit", eval_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{label}: expected an int, got {type(value).__name__}")
         if value is not None and value < 1:
             raise ValueError(f"{label}: expected a positive number of images, got {value}")
 
@@ -371,6 +496,9 @@ class BatchLoader:
         shuffle: reshuffle every epoch.
         generator: the shuffling generator (required when ``shuffle``).
         drop_last: drop the last incomplete batch (static shapes for CUDA graphs).
+        drop_single: drop a last batch of exactly one example (the trainer's choice: BatchNorm
+            cannot normalise a single example in training). With ``shuffle`` the dropped example
+            differs from epoch to epoch, so every example is still trained on.
     """
 
     def __init__(
@@ -381,6 +509,7 @@ class BatchLoader:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        drop_single: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
@@ -391,10 +520,13 @@ class BatchLoader:
         self.shuffle = shuffle
         self.generator = generator
         self.drop_last = drop_last
+        self.drop_single = drop_single
 
     def __len__(self) -> int:
         n = self.x.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last or (self.drop_single and n % self.batch_size == 1):
+            return n // self.batch_size
+        return -(-n // self.batch_size)
 
     def __iter__(self):
         n = self.x.shape[0]
