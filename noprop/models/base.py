@@ -117,15 +117,42 @@ class NoPropModel(nn.Module):
     def check_inputs(self, x: object, y: object | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate images ``x [B, C_in, H, W]`` (floating, finite, the model's shape) and labels ``y [B]``.
 
+        One rule for every model: ``x`` must hold at least one example (an empty batch has no
+        loss and no prediction), and a model with BatchNorm (DT, the discrete baseline) needs at
+        least two in training mode. Images in another floating dtype than the model's (float64,
+        bfloat16, float16) are cast to the model's dtype; they must be on the model's device.
+
         Raises:
             TypeError: non-floating images or non-integer labels.
-            ValueError: a shape mismatch, labels outside ``[0, num_classes)``, a label count
+            ValueError: an empty batch, a training batch of one for a BatchNorm model, another
+                device, a shape mismatch, labels outside ``[0, num_classes)``, a label count
                 different from the batch, or NaN/Inf in ``x``.
         """
+        reference = self.embedding.weight
+        if isinstance(x, torch.Tensor) and x.device != reference.device:
+            raise ValueError(f"x: expected a tensor on the model's device {reference.device}, got one on {x.device}")
         x = check_images("x", x, self.image_shape)
+        if x.shape[0] == 0:
+            raise ValueError(f"x: an empty batch (shape {list(x.shape)}); every model needs at least one example")
+        if x.dtype != reference.dtype:
+            x = x.to(reference.dtype)
+        if x.shape[0] == 1 and self.training and self._has_batch_norm():
+            raise ValueError(
+                "x: a training batch of one example; this model's BatchNorm cannot normalise a single "
+                "example in training mode (use at least 2, or model.eval() for inference)"
+            )
         if y is not None:
             y = check_labels("y", y, self.num_classes, x.shape[0])
+            if y.device != x.device:
+                raise ValueError(f"y: expected a tensor on the model's device {x.device}, got one on {y.device}")
         return x, y
+
+    def _has_batch_norm(self) -> bool:
+        found = self.__dict__.get("_batch_norm_found")
+        if found is None:
+            found = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+            self.__dict__["_batch_norm_found"] = found
+        return found
 
     def reset_classifier(self) -> None:
         """Start the linear classifier on ``z`` as the embedding itself: ``logits_c = <z, u_c>``.
