@@ -40,9 +40,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=defaults.lr)
     add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--T", type=int, default=defaults.T, help="number of blocks (DT, backprop)")
+    add("--T", type=int, default=None, help="number of blocks (DT, backprop; default 10)")
     add("--eta", type=float, default=None, help="L2 scale (default: the paper's, 0.1 for DT and 1 for CT)")
-    add("--ode-steps", type=int, default=defaults.ode_steps, help="adjoint: Euler steps of the training solve (paper: 1000)")
+    add("--ode-steps", type=int, default=None, help="adjoint: Euler steps of the training solve (paper: 1000)")
     add("--embedding", choices=EMBEDDINGS, default=defaults.embedding)
     add("--embedding-dim", type=int, default=None, help="dimension of a learned embedding (default 20)")
     add("--width", type=float, default=defaults.width, help="multiplier of the paper's layer widths")
@@ -51,8 +51,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="backend of every op (noprop info lists them; 'cuda' is the deprecated name of 'extension')")
     add("--seed", type=int, default=defaults.seed)
     add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    add("--out", default=defaults.out, help="output folder: metrics.json, curves.png, checkpoint.pt")
-    add("--resume", default=None, metavar="CKPT", help="continue the run saved in this checkpoint")
+    add("--out", default=None, help=f"output folder: metrics.json, curves.png, checkpoint.pt (default {defaults.out}; "
+        "on --resume the checkpoint's folder); a folder holding another run is refused")
+    add("--overwrite", action="store_true", help="replace the run already in --out")
+    add("--resume", default=None, metavar="CKPT", help="continue the run saved in this checkpoint (its settings; "
+        "--epochs, --data-dir, --out, --device, --backend, --compile, --block-chunk may change)")
     add("--train-limit", type=int, default=None, metavar="N", help="train on a random N training images")
     add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
     add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM/adjoint inference steps (default 1000)")
@@ -87,19 +90,40 @@ def _check_solver(method: str, solver: str | None) -> None:
     MODELS[method].resolve_solver(solver, name="--solver")
 
 
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options typed in ``argv`` (long options, abbreviations included)."""
+    given = set()
+    actions = parser._option_string_actions
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        matches = {actions[name].dest} if name in actions else {a.dest for o, a in actions.items() if o.startswith(name)}
+        if len(matches) == 1:
+            given |= matches
+    return given
+
+
 def _train(args: argparse.Namespace) -> int:
     from noprop.train import TrainConfig, train
 
-    _check_solver(args.method, args.solver)
-    config = TrainConfig(
-        **{
-            field.name: getattr(args, field.name)
-            for field in dataclasses.fields(TrainConfig)
-            if field.name != "progress" and hasattr(args, field.name)
-        },
-        progress=not args.no_progress,
-    )
-    result = train(config)
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    given = getattr(args, "given", None)
+    if args.resume:  # the checkpoint's settings, with what was typed (the trainer refuses conflicts by name)
+        typed = given if given is not None else {name for name in fields if getattr(args, name, None) not in (None, False)}
+        changes = {name: getattr(args, name) for name in typed if name in fields and name not in ("resume", "progress")}
+        changes.setdefault("epochs", args.epochs)
+        config = TrainConfig(resume=args.resume, epochs=args.epochs, progress=not args.no_progress)
+        result = train(config, changes=changes)
+    else:
+        _check_solver(args.method, args.solver)
+        values = {name: getattr(args, name) for name in fields if name != "progress" and hasattr(args, name)}
+        if values.get("out") is None:
+            values.pop("out", None)
+        config = TrainConfig(**values, progress=not args.no_progress)
+        result = train(config)
     last = result.history[-1] if result.history else {}
     print(json.dumps({"out": str(result.out), "dataset": result.dataset.name, **{k: last.get(k) for k in ("epoch", "train_accuracy", "test_accuracy")}}))
     return 0
@@ -111,7 +135,15 @@ def _eval(args: argparse.Namespace) -> int:
     from noprop.models import build_model
     from noprop.train import TrainConfig, evaluate, inference_kwargs, resolve_device
 
+    import pathlib
+
+    from noprop.train import model_from_checkpoint
+
     state = ckpt.load(args.checkpoint)
+    try:
+        saved = TrainConfig(**state["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint: {args.checkpoint}: its config is not valid ({error})") from None
     _check_solver(state["method"], args.solver)
     overrides = {
         "inference_steps": args.inference_steps,
@@ -120,18 +152,21 @@ def _eval(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "eval_limit": args.eval_limit,
     }
-    config = dataclasses.replace(TrainConfig(**state["config"]), **{k: v for k, v in overrides.items() if v is not None})
+    config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
     device = resolve_device(args.device)
+    if config.data_dir is not None and not pathlib.Path(config.data_dir).is_dir():
+        raise ValueError(f"data_dir: the run's data folder {config.data_dir} does not exist (moved?); pass --data-dir with its new location")
+    saved_data = state["dataset"]
     dataset = load_dataset(
-        config.dataset, config.data_dir, train_limit=config.train_limit, eval_limit=config.eval_limit, seed=config.seed
+        config.dataset, config.data_dir, train_limit=config.train_limit, eval_limit=config.eval_limit, seed=config.seed,
+        normalization=(saved_data.get("mean"), saved_data.get("std")),  # the statistics the model was trained with
     ).to(device)
-    if dataset.name != state["dataset"]["name"]:
+    if dataset.name != saved_data.get("name"):
         raise ValueError(
-            f"checkpoint: the model was trained on {state['dataset']['name']!r} but {dataset.name!r} was loaded; "
+            f"checkpoint: the model was trained on {saved_data.get('name')!r} but {dataset.name!r} was loaded; "
             "pass --data-dir with the training data"
         )
-    model = build_model(state["method"], **state["model_config"]).to(device)
-    model.load_state_dict(state["model"])
+    model = model_from_checkpoint(state, args.checkpoint, device)
     torch.manual_seed(config.seed)
     accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **inference_kwargs(config))
     print(json.dumps({"checkpoint": args.checkpoint, "method": state["method"], "epoch": state["epoch"], "dataset": dataset.name, "test_examples": int(dataset.test_x.shape[0]), "test_accuracy": accuracy}))
@@ -232,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train a model and write metrics, curves and checkpoints")
     _add_train_arguments(train_parser)
     train_parser.set_defaults(handler=_train)
+    parser.command_parsers = {"train": train_parser}  # for the options a command line typed (_given_options)
     eval_parser = commands.add_parser("eval", help="test accuracy of a checkpoint")
     eval_parser.add_argument("--checkpoint", required=True)
     eval_parser.add_argument("--data-dir", default=None)
@@ -249,22 +285,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``noprop`` command; returns the exit status."""
-    from noprop.train import NonFiniteLossError
+    """Entry point of the ``noprop`` command; returns the exit status.
+
+    Errors become one line on stderr, never a traceback: the library's own errors (``ValueError``,
+    ``TypeError``, an inapplicable option, a backend that cannot run) and the OS's (a folder that
+    cannot be written) exit with status 2, a NaN/Inf stop with 1, SIGINT (Ctrl-C) and SIGTERM with
+    128 + the signal number (130, 143) after the checkpoint being written was finished.
+    """
+    import signal
+    import warnings
+
+    from noprop.backends import BackendUnavailableError
+    from noprop.train import InapplicableOptionWarning, NonFiniteLossError, TrainingInterrupted
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in parser.command_parsers:
+        args.given = _given_options(parser.command_parsers[args.command], argv[1:])
     try:
-        return args.handler(args)
-    except (ValueError, TypeError) as error:
-        print(f"noprop {args.command}: error: {error}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InapplicableOptionWarning)  # the command line refuses them
+            return args.handler(args)
+    except (ValueError, TypeError, InapplicableOptionWarning, BackendUnavailableError, OSError) as error:
+        print(f"noprop {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
-        print(f"noprop {args.command}: stopped: {error}", file=sys.stderr)
+        print(f"noprop {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as interrupted:
+        print(f"noprop {args.command}: {interrupted.describe()}", file=sys.stderr)
+        return 128 + interrupted.signum
+    except KeyboardInterrupt:
+        print(f"noprop {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
