@@ -25,6 +25,9 @@ import torch
 from noprop import checkpoint as ckpt
 from test_data import make_idx_folder
 
+# about 30 subprocesses of 3-8 s each (interpreter and torch start-up): part of the full suite, not of -m "not slow"
+pytestmark = pytest.mark.slow
+
 TRAIN = ["--method", "dt", "--dataset", "mnist", "--T", "2", "--width", "0.125", "--batch-size", "16", "--no-progress"]
 
 
