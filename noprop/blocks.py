@@ -44,7 +44,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from noprop.validation import check_positive_int
+from noprop.validation import check_number, check_positive_int
 
 POOLED_STAGES = (True, False, True)  # which of the three conv stages end in a 2x2 max-pool
 
@@ -70,8 +70,7 @@ class BlockConfig:
     @classmethod
     def scaled(cls, width: float, **overrides) -> "BlockConfig":
         """The paper's widths times ``width`` (at least 1 unit each); other fields from ``overrides``."""
-        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-            raise ValueError(f"width: expected a finite positive multiplier, got {width!r}")
+        check_number("width", width)
         base = cls()
 
         def scale(n: int) -> int:

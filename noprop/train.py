@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import random
@@ -40,7 +39,7 @@ from noprop.data import BatchLoader, ImageDataset, load_dataset
 from noprop.models import METHODS, MODELS, NoPropModel, build_model
 from noprop.objectives import LossTerms
 from noprop.step import TrainStep
-from noprop.validation import check_choice, check_positive_int
+from noprop.validation import check_choice, check_number, check_positive_int
 
 PAPER_ETA = {"dt": 0.1, "ct": 1.0}
 PAPER_T = 10
@@ -92,14 +91,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 def flag(name: str) -> str:
     """The command-line option of a :class:`TrainConfig` field (``lr`` -> ``--lr``)."""
     return "--" + name.replace("_", "-")
-
-
-def _check_number(name: str, value: object, minimum: float = 0.0, allow_equal: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_equal):
-        wanted = f">= {minimum}" if allow_equal else f"> {minimum}"
-        raise ValueError(f"{name}: expected a finite number {wanted}, got {value}")
 
 
 @dataclass
@@ -160,12 +151,12 @@ class TrainConfig:
                 check_positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
-        _check_number("lr", self.lr)
-        _check_number("width", self.width)
-        _check_number("weight_decay", self.weight_decay, allow_equal=True)
+        check_number("lr", self.lr)
+        check_number("width", self.width)
+        check_number("weight_decay", self.weight_decay, allow_equal=True)
         for name in ("eta", "grad_clip"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name))
+                check_number(name, getattr(self, name))
         for name, methods in APPLIES_TO.items():
             if getattr(self, name) is not None and self.method not in methods:
                 warnings.warn(

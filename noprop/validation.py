@@ -10,6 +10,8 @@ are loaded, see :mod:`noprop.data`).
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -113,3 +115,18 @@ def check_positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value}")
     return value
+
+
+def check_number(name: str, value: object, minimum: float = 0.0, allow_equal: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number ``> minimum`` (``>= minimum`` with ``allow_equal``).
+
+    Raises:
+        TypeError: not an int or float (bools included).
+        ValueError: NaN, infinite, or out of range; the message names ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_equal):
+        wanted = f">= {minimum}" if allow_equal else f"> {minimum}"
+        raise ValueError(f"{name}: expected a finite number {wanted}, got {value}")
+    return float(value)

@@ -17,6 +17,7 @@ from noprop import ops
 from noprop.models.ode import TimeConditionedModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import LearnableSchedule, posterior_coefficients
+from noprop.validation import check_number
 
 
 def ancestral_sample(
@@ -104,7 +105,7 @@ class NoPropCT(TimeConditionedModel):
         backend: str = "auto",
     ):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta)
         self.noise_schedule = LearnableSchedule()
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         self.reset_classifier()

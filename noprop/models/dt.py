@@ -10,7 +10,7 @@ from noprop.models.base import NoPropModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import CosineSchedule
 from noprop.stack import BlockList, BlockStack, check_block_range
-from noprop.validation import check_choice, check_positive_int
+from noprop.validation import check_choice, check_number, check_positive_int
 
 SCHEDULES = ("batched", "paper")
 
@@ -72,7 +72,7 @@ class NoPropDT(NoPropModel):
     ):
         super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
         self.T = check_positive_int("T", T)
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.noise_schedule = CosineSchedule(T)
         container = BlockStack if schedule == "batched" else BlockList
