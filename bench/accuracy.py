@@ -30,7 +30,7 @@ import torch
 
 from bench.environment import REPO, device_name, device_tag, utc_now, versions
 from noprop.data import mnist_test_split
-from noprop.train import TrainConfig, evaluate, train
+from noprop.train import APPLIES_TO, TrainConfig, evaluate, train
 
 RESULTS = REPO / "bench" / "results"
 SCHEMA = "noprop.bench.accuracy/1"
@@ -59,14 +59,13 @@ def run(name: str, dataset, device: torch.device, seed: int = 0) -> dict:
     """Train run ``name`` of :data:`RUNS`; its settings, per-epoch test accuracy, seconds, and CT's samplers."""
     overrides = RUNS[name]
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
-            inference_steps=INFERENCE_STEPS, out=out, progress=False, seed=seed, device=str(device), **overrides
-        )
+        steps = {"inference_steps": INFERENCE_STEPS} if overrides["method"] in APPLIES_TO["inference_steps"] else {}
+        config = TrainConfig(out=out, progress=False, seed=seed, device=str(device), **steps, **overrides)
         started = time.perf_counter()
         result = train(config, dataset=dataset)
         seconds = time.perf_counter() - started
     record = {
-        "settings": {**overrides, "inference_steps": INFERENCE_STEPS, "seed": seed, "batch_size": config.batch_size, "T": config.T},
+        "settings": {**overrides, **steps, "seed": seed, "batch_size": config.batch_size, "T": config.T},
         "test_accuracy_per_epoch": [row["test_accuracy"] for row in result.history],
         "test_accuracy": result.history[-1]["test_accuracy"],
         "train_seconds": seconds,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from noprop.data import mnist_test_split
-from noprop.train import TrainConfig, train
+from noprop.train import APPLIES_TO, TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,9 @@ def mnist_split(shared_mnist):
 
 
 def _train(tmp_path, dataset, **overrides):
-    config = TrainConfig(width=0.25, out=str(tmp_path / overrides.get("method", "dt")), progress=False, inference_steps=20, **overrides)
+    method = overrides.get("method", "dt")
+    steps = {"inference_steps": 20} if method in APPLIES_TO["inference_steps"] else {}
+    config = TrainConfig(width=0.25, out=str(tmp_path / method), progress=False, **steps, **overrides)
     history = train(config, dataset=dataset).history
     print(f"{overrides}: test accuracy per epoch {[round(r['test_accuracy'], 4) for r in history]}")
     return history[-1]["test_accuracy"]
