@@ -91,11 +91,18 @@ def _coefficient(name: str, value: object, T: int, B: int, device: torch.device)
 
 
 def _row_coefficient(name: str, value: object, N: int, device: torch.device) -> torch.Tensor:
-    """A latent-update coefficient as a contiguous float32 ``[N]``: from a float, a 0-dim or ``[N]`` tensor."""
+    """A latent-update coefficient as a contiguous float32 ``[N]`` on ``device``: from a float, a 0-dim or ``[N]`` tensor.
+
+    A tensor must live on ``device``, except a 0-dim CPU tensor, which is moved there.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((N,), float(value), dtype=torch.float32, device=device)
     value = check_tensor(name, value)
     check_floating(name, value)
+    if value.device != device:
+        if value.dim() != 0 or value.device.type != "cpu":
+            raise ValueError(f"{name}: expected a tensor on {device} (z's device) or a 0-dim CPU tensor, got one on {value.device}")
+        value = value.to(device)
     if value.dim() == 0:
         return value.float().reshape(1).expand(N).contiguous()
     if value.numel() != N:

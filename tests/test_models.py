@@ -206,11 +206,32 @@ def test_ct_inference_follows_the_exact_path_when_u_hat_is_right(solver, steps, 
 
 
 def test_ct_loss_trains_the_schedule_and_weights_by_snr_derivative():
-    model = NoPropCT(10, 1, 28, width=WIDTH)
-    x, y = _batch()
+    """``l2 = (eta / 2) mean_i SNR'(t_i) ||softmax(logits_i) @ W - u_y||^2``, SNR' by autograd of SNR(t)."""
+    torch.manual_seed(4)
+    model = NoPropCT(10, 1, 28, eta=0.7, embedding="learned", width=WIDTH)
+    x, y = _batch(B=9)
+    fixed_logits = torch.randn(9, 10)
+    captured = {}
+
+    class Recording(nn.Module):
+        def forward(self, x, z_t, t):
+            captured["t"] = t
+            return fixed_logits
+
+    block = model.block
+    model.block = Recording()
+    terms = model.loss_terms(x, y)
+    t = captured["t"].detach().clone().requires_grad_()
+    (snr_slope,) = torch.autograd.grad(model.noise_schedule.snr(t).sum(), t)  # independent of snr_derivative
+    W = model.embedding.weight.detach()
+    squared_error = (torch.softmax(fixed_logits, -1) @ W - W[y]).square().sum(-1)
+    expected = 0.7 / 2 * (snr_slope * squared_error).mean()
+    torch.testing.assert_close(terms.parts["l2"].reshape(()), expected, rtol=1e-4, atol=1e-6)
+    assert snr_slope.min() > 0 and snr_slope.max() > 2 * snr_slope.min()  # the weighting is not constant
+    model.block = block
     model.loss(x, y).backward()
     for name, parameter in model.noise_schedule.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs() .sum() > 0, name
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])
