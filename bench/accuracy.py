@@ -30,7 +30,8 @@ import torch
 
 from bench.environment import REPO, device_name, device_tag, utc_now, versions
 from noprop.data import mnist_test_split
-from noprop.train import APPLIES_TO, TrainConfig, evaluate, train
+from noprop.config import APPLIES_TO
+from noprop.train import TrainConfig, evaluate, train
 
 RESULTS = REPO / "bench" / "results"
 SCHEMA = "noprop.bench.accuracy/1"

@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DOT_PRECISION,
     class_block,
     example_tiling,
     launches_on_input_device,

@@ -130,14 +130,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from noprop import checkpoint as ckpt
-    from noprop.data import load_dataset
-    from noprop.models import build_model
-    from noprop.train import TrainConfig, evaluate, inference_kwargs, resolve_device
-
     import pathlib
 
-    from noprop.train import model_from_checkpoint
+    from noprop import checkpoint as ckpt
+    from noprop.config import TrainConfig, inference_kwargs, resolve_device
+    from noprop.data import load_dataset
+    from noprop.run_folder import model_from_checkpoint
+    from noprop.train import evaluate
 
     state = ckpt.load(args.checkpoint)
     try:

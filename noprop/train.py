@@ -1,4 +1,7 @@
-"""The trainer: data, model, optimizer, the epoch loop, evaluation, metrics, plots, checkpoints.
+"""The trainer: data, model, optimizer, the epoch loop, evaluation, and the run's checks.
+
+Its settings live in :mod:`noprop.config`, its output folder (checkpoints, metrics, signals) in
+:mod:`noprop.run_folder`.
 
 Every epoch lets each block see every training example once: one pass in which every step trains
 all blocks (``schedule="batched"``, and the other methods), or, for NoProp-DT with
@@ -16,16 +19,11 @@ checkpoint's run are refused by name, and the data must be the run's own (its fi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
 import pathlib
 import random
 import resource
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,26 +33,32 @@ import torch
 from tqdm.auto import tqdm
 
 from noprop import checkpoint as ckpt
+from noprop.config import (
+    InapplicableOptionWarning,
+    TrainConfig,
+    changed_options,
+    inference_kwargs,
+    model_kwargs,
+    resolve_device,
+    resume_config,
+)
 from noprop.data import BatchLoader, ImageDataset, load_dataset
-from noprop.models import METHODS, MODELS, NoPropModel, build_model
+from noprop.models import NoPropModel, build_model
 from noprop.objectives import LossTerms
+from noprop.run_folder import (
+    TrainingInterrupted,
+    SignalGuard,
+    check_out,
+    check_same_data,
+    checkpoint_context,
+    compare_shapes,
+    prepare_out,
+    save_epoch,
+)
 from noprop.step import TrainStep
-from noprop.validation import check_choice, check_number, check_positive_int
 
-PAPER_ETA = {"dt": 0.1, "ct": 1.0}
-PAPER_T = 10
-PAPER_ODE_STEPS = 1000
 EVAL_BATCH = 1000
 FINITE_CHECK_EVERY = 25  # steps between loss-finiteness checks on a GPU (each check synchronises)
-APPLIES_TO = {  # option: the methods it means something to (elsewhere it is refused by the CLI, dropped with a warning here)
-    "T": ("dt", "backprop"),
-    "eta": ("dt", "ct"),
-    "ode_steps": ("adjoint",),
-    "inference_steps": ("ct", "fm", "adjoint"),
-}
-# options a resumed run may change; every other one must match the checkpoint's run
-RESUME_MAY_CHANGE = ("epochs", "out", "progress", "device", "resume", "data_dir", "overwrite", "backend", "compile", "block_chunk")
-RUN_FILES = ("checkpoint.pt", "metrics.json", "curves.png")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,120 +69,6 @@ class NonFiniteParameterError(NonFiniteLossError):
     """Training stopped because a parameter or buffer became NaN or Inf (the message names it and its block)."""
 
 
-class InapplicableOptionWarning(UserWarning):
-    """An option was set that the chosen method does not use; it is dropped (the CLI refuses it)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training; a checkpoint being written was finished first.
-
-    Attributes:
-        signum: the signal. checkpoint: the last checkpoint written (None if there is none).
-        epoch: its epoch (0 if none).
-    """
-
-    def __init__(self, signum: int, checkpoint: pathlib.Path | None = None, epoch: int = 0):
-        self.signum, self.checkpoint, self.epoch = signum, checkpoint, epoch
-        super().__init__(self.describe())
-
-    def describe(self) -> str:
-        name = signal.Signals(self.signum).name
-        if self.checkpoint is None:
-            return f"interrupted by {name} before the first checkpoint was written"
-        return f"interrupted by {name}; the last checkpoint is {self.checkpoint} (epoch {self.epoch}); continue with --resume {self.checkpoint}"
-
-
-def flag(name: str) -> str:
-    """The command-line option of a :class:`TrainConfig` field (``lr`` -> ``--lr``)."""
-    return "--" + name.replace("_", "-")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (the CLI's ``noprop train`` flags).
-
-    Defaults are the paper's: batch 128, learning rate 1e-3, weight decay 1e-3, T = 10,
-    eta = 0.1 (DT) / 1 (CT), AdamW for DT and the discrete baseline, Adam for CT, FM and the
-    adjoint baseline, 1000 inference steps for CT, FM and the adjoint baseline (which also
-    integrates with ``ode_steps`` = 1000 Euler steps in training). ``solver`` None is the method's default (CT: ancestral sampling, FM:
-    Euler); DT and the discrete baseline take none.
-
-    ``T``, ``eta``, ``ode_steps`` and ``inference_steps`` mean something to some methods only
-    (:data:`APPLIES_TO`): None is the method's default (filled in for the methods that use them);
-    a value set for a method that does not use it is dropped with an
-    :class:`InapplicableOptionWarning` naming it, so it is never recorded as if used. Numbers
-    must be finite (``lr``, ``width``, ``eta``, ``grad_clip`` positive, ``weight_decay`` >= 0).
-    ``overwrite`` lets a new run replace the run already in ``out`` (otherwise refused).
-    """
-
-    method: str = "dt"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    T: int | None = None
-    eta: float | None = None
-    ode_steps: int | None = None
-    embedding: str = "onehot"
-    embedding_dim: int | None = None
-    width: float = 1.0
-    schedule: str = "batched"
-    backend: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/noprop"
-    resume: str | None = None
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    inference_steps: int | None = None
-    solver: str | None = None
-    deterministic_inference: bool = False
-    block_chunk: int | None = None
-    grad_clip: float | None = None
-    compile: bool = False
-    cuda_graphs: bool = False
-    progress: bool = True
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        for name in ("epochs", "batch_size"):
-            check_positive_int(name, getattr(self, name))
-        for name in ("T", "ode_steps", "inference_steps", "block_chunk", "embedding_dim", "train_limit", "eval_limit"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
-        check_number("lr", self.lr)
-        check_number("width", self.width)
-        check_number("weight_decay", self.weight_decay, allow_equal=True)
-        for name in ("eta", "grad_clip"):
-            if getattr(self, name) is not None:
-                check_number(name, getattr(self, name))
-        for name, methods in APPLIES_TO.items():
-            if getattr(self, name) is not None and self.method not in methods:
-                warnings.warn(
-                    f"{name} ({flag(name)}): method {self.method!r} does not use it (only {', '.join(methods)} do); "
-                    "it is ignored and not recorded",
-                    InapplicableOptionWarning,
-                    stacklevel=3,
-                )
-                setattr(self, name, None)
-        if self.method in APPLIES_TO["T"] and self.T is None:
-            self.T = PAPER_T
-        if self.method in PAPER_ETA and self.eta is None:
-            self.eta = PAPER_ETA[self.method]
-        if self.method in APPLIES_TO["ode_steps"] and self.ode_steps is None:
-            self.ode_steps = PAPER_ODE_STEPS
-        MODELS[self.method].resolve_solver(self.solver)
-        if self.schedule == "paper" and self.method != "dt":
-            raise ValueError(f"schedule: 'paper' (a pass per block) exists for method 'dt' only, got method {self.method!r}")
-        if self.block_chunk is not None and (self.method != "dt" or self.schedule != "batched"):
-            raise ValueError(f"block_chunk: only NoProp-DT with schedule 'batched' trains its blocks in chunks, got method {self.method!r}")
-
-
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the metrics of every epoch, the trained model and the data used."""
@@ -187,52 +77,6 @@ class TrainResult:
     model: NoPropModel
     dataset: ImageDataset
     out: pathlib.Path = field(default_factory=pathlib.Path)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; anything else must name an available device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"device: {error}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but no CUDA device is available")
-    return resolved
-
-
-def model_kwargs(config: TrainConfig, dataset: ImageDataset) -> dict:
-    """The constructor arguments of ``config.method``'s model for ``dataset``."""
-    channels, size, _ = dataset.image_shape
-    kwargs = dict(
-        num_classes=dataset.num_classes,
-        in_channels=channels,
-        image_size=size,
-        embedding=config.embedding,
-        embedding_dim=config.embedding_dim,
-        width=config.width,
-        backend=config.backend,
-    )
-    if config.method in APPLIES_TO["T"]:
-        kwargs["T"] = config.T
-    if config.method in APPLIES_TO["eta"]:
-        kwargs["eta"] = PAPER_ETA[config.method] if config.eta is None else config.eta
-    if config.method == "dt":
-        kwargs["schedule"] = config.schedule
-    if config.method == "adjoint":
-        kwargs["ode_steps"] = config.ode_steps
-    return kwargs
-
-
-def inference_kwargs(config: TrainConfig) -> dict:
-    """``predict`` arguments of a run: steps and solver matter to CT and FM only (DT runs its T blocks); solver None is the model's default."""
-    integrates = config.method in ("ct", "fm", "adjoint")
-    return dict(
-        steps=config.inference_steps if integrates else None,
-        solver=config.solver,
-        deterministic=config.deterministic_inference,
-    )
 
 
 def build_optimizer(model: NoPropModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -346,179 +190,12 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_json_atomic(path: pathlib.Path, payload) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
-
-
-class _SignalGuard:
-    """While active (main thread only): SIGINT and SIGTERM raise :class:`TrainingInterrupted`;
-    inside :meth:`deferred` they wait until the block ends (a second signal does not wait)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.previous: dict = {}
-        self.deferring = False
-        self.pending: int | None = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.deferring and self.pending is None:
-            self.pending = signum
-            return
-        raise TrainingInterrupted(signum)
-
-    def __enter__(self) -> "_SignalGuard":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise TrainingInterrupted(signum)
-
-
-def _checkpoint_context(path: os.PathLike, what: str):
-    """Turn an error from rebuilding ``what`` out of the checkpoint at ``path`` into ``ValueError('checkpoint: PATH: ...')``."""
-
-    @contextlib.contextmanager
-    def context():
-        try:
-            yield
-        except (ValueError, TypeError, RuntimeError, KeyError, IndexError, AttributeError) as error:
-            text = " ".join(str(error).split()) or type(error).__name__
-            raise ValueError(f"checkpoint: {path}: its {what} cannot be restored ({text[:300]})") from None
-
-    return context()
-
-
-def model_from_checkpoint(state: dict, path: os.PathLike, device: torch.device | str = "cpu") -> NoPropModel:
-    """The model saved in a loaded checkpoint ``state`` (from :func:`noprop.checkpoint.load` of ``path``).
-
-    The shapes of the saved tensors are compared with the model the config describes before any
-    memory is allocated for it (on PyTorch's meta device), so a crafted config cannot ask for a
-    huge model.
-
-    Raises:
-        ValueError: ``checkpoint: PATH: ...`` when the config does not build a model or the weights do not fit it.
-    """
-    with _checkpoint_context(path, "model"):
-        probe = None
-        try:
-            with torch.device("meta"):
-                probe = build_model(state["method"], **state["model_config"])
-        except (ValueError, TypeError):
-            raise
-        except Exception:  # some construction step does not run on the meta device: compare after building
-            probe = None
-        if probe is not None:
-            _compare_shapes(probe, state["model"])
-        model = build_model(state["method"], **state["model_config"])
-        model.load_state_dict(state["model"])
-        return model.to(device)
-
-
-def _compare_shapes(model: NoPropModel, saved: dict) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in saved.items()}
-    if expected.keys() != got.keys():
-        missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-        raise ValueError(f"the weights do not match the model config (missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, shape in expected.items():
-        if got[key] != shape:
-            raise ValueError(f"weight {key} has shape {list(got[key])}, the model config needs {list(shape)}")
-
-
-def resume_config(saved: TrainConfig, changes: dict, epoch: int, checkpoint: os.PathLike) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's, with the ``changes`` a resumed run may make.
-
-    Args:
-        saved: the checkpoint's config.
-        changes: options the caller set (name -> value). Those in :data:`RESUME_MAY_CHANGE` apply;
-            any other must equal the checkpoint's value. ``out`` defaults to the checkpoint's folder.
-        epoch: the checkpoint's epoch (``epochs`` must exceed it).
-
-    Raises:
-        ValueError: ``resume: NAME (--flag) ...`` for an option that conflicts with the checkpoint's
-            run, or ``epochs`` not beyond the checkpoint's epoch.
-    """
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name, value in changes.items():
-        if name not in names:
-            raise TypeError(f"changes: {name!r} is not a TrainConfig option")
-        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
-            raise ValueError(
-                f"resume: {name} ({flag(name)}) is {value!r} but the checkpoint's run has {getattr(saved, name)!r}; "
-                f"a resumed run keeps its settings: drop {flag(name)}, or start a new run with a new --out"
-            )
-    allowed = {k: v for k, v in changes.items() if k in RESUME_MAY_CHANGE}
-    allowed.setdefault("out", str(pathlib.Path(checkpoint).resolve().parent))
-    allowed["resume"] = str(checkpoint)
-    config = dataclasses.replace(saved, **allowed)
-    if config.epochs <= epoch:
-        raise ValueError(f"epochs: the checkpoint's run has trained {epoch} epochs already; pass --epochs greater than {epoch} to continue it")
-    return config
-
-
-def _changed_options(config: TrainConfig) -> dict:
-    """The options of ``config`` that differ from a default :class:`TrainConfig` (what a library caller set)."""
-    defaults = TrainConfig()
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
-
-
-def _check_same_data(dataset: ImageDataset, saved: dict, source: str) -> None:
-    """Refuse data that is not the data the checkpoint's run was trained on (name, shape, fingerprint)."""
-    mine = dataset.describe()
-    for key in ("name", "num_classes", "image_shape", "fingerprint"):
-        if saved.get(key) is not None and mine.get(key) != saved.get(key):
-            raise ValueError(
-                f"data_dir: {source} holds other data than the checkpoint's run was trained on ({key} differs); "
-                "pass --data-dir with the run's own data"
-            )
-
-
-def _check_out(out: pathlib.Path, config: TrainConfig, continuing: bool) -> list[str]:
-    """Refuse an ``out`` that holds another run (unless ``overwrite``); returns the run files in it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} exists and is not a folder")
-    existing = [name for name in RUN_FILES[:2] if (out / name).exists()]
-    if existing and not continuing and not config.overwrite:
-        raise ValueError(
-            f"out: {out} already holds a run ({', '.join(existing)}); pass --resume {out / 'checkpoint.pt'} "
-            "to continue it, a new --out, or --overwrite to replace it"
-        )
-    return existing
-
-
-def _prepare_out(out: pathlib.Path, replace: bool) -> None:
-    """Create ``out`` (once the data and the model are ready), clear a replaced run, remove stale temporaries."""
-    if replace:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(out / "checkpoint.pt")
-    (out / ".metrics.json.tmp").unlink(missing_ok=True)
-
-
 def train(config: TrainConfig, dataset: ImageDataset | None = None, *, changes: dict | None = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring.
 
     Args:
         config: the run's settings. With ``config.resume``, the run continues with the
-            checkpoint's settings; only :data:`RESUME_MAY_CHANGE` may differ (``data_dir`` points
+            checkpoint's settings; only :data:`noprop.config.RESUME_MAY_CHANGE` may differ (``data_dir`` points
             to moved data, ``out`` defaults to the checkpoint's folder) and any other option set
             to a value other than the checkpoint's is refused (:func:`resume_config`).
         dataset: use this dataset (on the CPU) instead of loading ``config.dataset``; pass the
@@ -533,21 +210,21 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *, changes: 
         ValueError: bad configuration (unknown dataset or method, missing data directory, an
             existing run in ``out``, a damaged checkpoint, options that conflict with it, ...).
     """
-    with _SignalGuard() as guard:
+    with SignalGuard() as guard:
         return _train(config, dataset, changes, guard)
 
 
-def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | None, guard: _SignalGuard) -> TrainResult:
+def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | None, guard: SignalGuard) -> TrainResult:
     state = None
     checkpoint_path = None
     if config.resume:
         checkpoint_path = pathlib.Path(config.resume)
         state = ckpt.load(checkpoint_path)
-        with _checkpoint_context(checkpoint_path, "config"):
+        with checkpoint_context(checkpoint_path, "config"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", InapplicableOptionWarning)
                 saved = TrainConfig(**state["config"])
-        requested = _changed_options(config) if changes is None else dict(changes)
+        requested = changed_options(config) if changes is None else dict(changes)
         requested.pop("resume", None)
         config = resume_config(saved, requested, state["epoch"], checkpoint_path)
     # absolute paths: a resumed run must not depend on the working directory
@@ -562,7 +239,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
     if config.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs: capturing the step needs a CUDA device, the run is on {device}")
     continuing = checkpoint_path is not None and out == checkpoint_path.resolve().parent
-    replace = bool(_check_out(out, config, continuing)) and not continuing
+    replace = bool(check_out(out, config, continuing)) and not continuing
     _set_seeds(config.seed)
     if dataset is None:
         if state is not None and config.data_dir is not None and not pathlib.Path(config.data_dir).is_dir():
@@ -573,7 +250,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             normalization=normalization,
         )
     if state is not None:
-        _check_same_data(dataset, state["dataset"], config.data_dir or "the dataset")
+        check_same_data(dataset, state["dataset"], config.data_dir or "the dataset")
     dataset = dataset.to(device)
     model = build_model(config.method, **model_kwargs(config, dataset)).to(device)
     if state is None:
@@ -583,10 +260,10 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
     history: list[dict] = []
     start_epoch = 1
     if state is not None:
-        with _checkpoint_context(checkpoint_path, "model or optimizer state"):
+        with checkpoint_context(checkpoint_path, "model or optimizer state"):
             if state["method"] != config.method:
                 raise ValueError(f"it holds a {state['method']!r} model but its config says {config.method!r}")
-            _compare_shapes(model, state["model"])
+            compare_shapes(model, state["model"])
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             history = list(state["history"])
@@ -604,7 +281,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             f"train_limit: {dataset.train_x.shape[0]} training example(s) make no training batch "
             f"(batch_size {config.batch_size}; a batch needs at least 2 examples{', and a full batch with cuda_graphs' if config.cuda_graphs else ''})"
         )
-    _prepare_out(out, replace)
+    prepare_out(out, replace)
     train_eval = (dataset.train_x[: dataset.test_x.shape[0]], dataset.train_y[: dataset.test_x.shape[0]])
     last_saved = (checkpoint_path.resolve(), start_epoch - 1) if continuing else (None, 0)
     try:
@@ -630,7 +307,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             }
             history.append(record)
             with guard.deferred():  # a signal now lets the checkpoint, metrics and curves be written first
-                _save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator)
+                save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator)
                 last_saved = (out / "checkpoint.pt", epoch)
             if config.progress:
                 print(
@@ -641,30 +318,6 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(interrupted.signum, *last_saved) from None
     return TrainResult(history, model, dataset, out)
-
-
-def _save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator) -> None:
-    """The checkpoint first, then metrics.json (never an epoch without a checkpoint), then the curves."""
-    ckpt.save_atomic(
-        {
-            "format": ckpt.FORMAT_VERSION,
-            "config": dataclasses.asdict(config),
-            "method": model.method,
-            "model_config": model.config(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": model.noise_schedule.describe() if hasattr(model, "noise_schedule") else None,
-            "epoch": epoch,
-            "history": history,
-            "dataset": dataset.describe(),
-            "rng": ckpt.capture_rng(loader_generator),
-        },
-        out / "checkpoint.pt",
-    )
-    _write_json_atomic(out / "metrics.json", {"config": dataclasses.asdict(config), "dataset": dataset.describe(), "device": str(device), "epochs": history})
-    from noprop.plots import plot_curves
-
-    plot_curves(history, out / "curves.png", title=f"NoProp-{config.method.upper()} on {dataset.name}")
 
 
 def _parameters_nonfinite(parameters: list[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from noprop.data import BatchLoader, load_cifar_folder, load_dataset, load_idx_folder, read_idx
+from noprop.data import BatchLoader, load_dataset
+from noprop.data_files import load_cifar_folder, load_idx_folder, read_idx
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from noprop.data import mnist_test_split
-from noprop.train import APPLIES_TO, TrainConfig, train
+from noprop.config import APPLIES_TO
+from noprop.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
