@@ -195,14 +195,37 @@ def label_image(z: torch.Tensor, in_channels: int, image_size: int) -> torch.Ten
     return z.unflatten(-1, (in_channels, image_size, image_size))
 
 
-class DTBlock(nn.Module):
-    """One NoProp-DT block (Figure 6 left): ``(x [B, C_in, H, W], z [B, D]) -> logits [B, num_classes]``.
+class PaperBlock(nn.Module):
+    """What both Figure 6 blocks share: their arguments (checked), and the label path's input.
 
     Args:
         num_classes, in_channels, image_size: the task.
         embed_dim: ``D``, the label embedding's dimension.
         config: layer widths.
         prototype: the label path is a conv path reading ``z`` as an image (``D = C_in * H * W``).
+
+    Subclasses build ``image`` and ``label`` (modules returning ``[B, hidden]``) and the fusion layers.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, embed_dim: int, config: BlockConfig, prototype: bool):
+        super().__init__()
+        check_block_arguments(num_classes, in_channels, image_size, embed_dim, prototype)
+        self.config = config
+        self.dims = dict(
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
+        )
+
+    def label_features(self, z: torch.Tensor) -> torch.Tensor:
+        """The label path: ``z [B, D] -> [B, hidden]`` (a prototype ``z`` viewed as a ``C x H x W`` image first)."""
+        if self.dims["prototype"]:
+            z = label_image(z, self.dims["in_channels"], self.dims["image_size"])
+        return self.label(z)
+
+
+class DTBlock(PaperBlock):
+    """One NoProp-DT block (Figure 6 left): ``(x [B, C_in, H, W], z [B, D]) -> logits [B, num_classes]``.
+
+    Args: see :class:`PaperBlock`.
     """
 
     def __init__(
@@ -214,21 +237,10 @@ class DTBlock(nn.Module):
         config: BlockConfig = BlockConfig(),
         prototype: bool = False,
     ):
-        super().__init__()
-        check_block_arguments(num_classes, in_channels, image_size, embed_dim, prototype)
-        self.config = config
-        self.dims = dict(
-            num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
-        )
+        super().__init__(num_classes, in_channels, image_size, embed_dim, config, prototype)
         self.image = ConvPath(in_channels, image_size, config, batch_norm=True)
         self.label = ConvPath(in_channels, image_size, config, batch_norm=True) if prototype else ResidualLabelPath(embed_dim, config.hidden)
         self.fusion = DTFusion(config.hidden, config.fusion, num_classes)
-
-    def label_features(self, z: torch.Tensor) -> torch.Tensor:
-        """The label path: ``z [B, D] -> [B, hidden]``."""
-        if self.dims["prototype"]:
-            z = label_image(z, self.dims["in_channels"], self.dims["image_size"])
-        return self.label(z)
 
     def head(self, image_features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` from precomputed image features ``[B, hidden]`` and ``z [B, D]``."""
@@ -238,10 +250,10 @@ class DTBlock(nn.Module):
         return self.head(self.image(x), z)
 
 
-class TimeBlock(nn.Module):
+class TimeBlock(PaperBlock):
     """The CT/FM block (Figure 6 right): ``(x, z [B, D], t [B]) -> logits [B, num_classes]``, no BatchNorm.
 
-    Args: as :class:`DTBlock`.
+    The label path is ``ReLU(FC(z))``, or the conv path on ``z`` as an image. Args: see :class:`PaperBlock`.
     """
 
     def __init__(
@@ -253,25 +265,17 @@ class TimeBlock(nn.Module):
         config: BlockConfig = BlockConfig(),
         prototype: bool = False,
     ):
-        super().__init__()
-        check_block_arguments(num_classes, in_channels, image_size, embed_dim, prototype)
-        self.config = config
-        self.dims = dict(
-            num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
-        )
+        super().__init__(num_classes, in_channels, image_size, embed_dim, config, prototype)
         hidden, (f1, f2) = config.hidden, config.fusion
         self.image = ConvPath(in_channels, image_size, config, batch_norm=False)
-        self.label = ConvPath(in_channels, image_size, config, batch_norm=False) if prototype else nn.Linear(embed_dim, hidden)
+        if prototype:
+            self.label = ConvPath(in_channels, image_size, config, batch_norm=False)
+        else:
+            self.label = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU())
         self.time = nn.Linear(config.time_dim, hidden)
         self.fuse_fc1 = nn.Linear(3 * hidden, f1)
         self.fuse_fc2 = nn.Linear(f1, f2)
         self.out = nn.Linear(f2, num_classes)
-
-    def label_features(self, z: torch.Tensor) -> torch.Tensor:
-        """The label path: ``ReLU(FC(z))``, or the conv path on ``z`` as an image; ``[B, D] -> [B, hidden]``."""
-        if self.dims["prototype"]:
-            return self.label(label_image(z, self.dims["in_channels"], self.dims["image_size"]))
-        return F.relu(self.label(z))
 
     def head(self, image_features: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits from precomputed image features ``[B, hidden]``, ``z [B, D]`` and times ``t [B]``."""
