@@ -252,3 +252,25 @@ def randn_contract(seed, index):
     i1, i2, _, _ = tl.philox(seed, lo, hi, zero, zero)
     eps, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
     return eps
+
+
+@triton.jit
+def add_to_weight_gradient(gW_ptr, value, num_classes, dim, cols, col_mask, BLOCK_C: tl.constexpr):
+    """``gW[:, cols] += value`` atomically (``value`` float32 ``[BLOCK_C, BLOCK_D]``; padded classes and columns skipped)."""
+    classes = tl.arange(0, BLOCK_C)
+    tl.atomic_add(
+        gW_ptr + classes[:, None] * dim + cols[None, :], value,
+        mask=(classes < num_classes)[:, None] & col_mask[None, :], sem="relaxed",
+    )
+
+
+@triton.jit
+def store_class_tile(ptr, value, rows, row_mask, num_classes, BLOCK_C: tl.constexpr):
+    """Store a ``[BLOCK_N, BLOCK_C]`` tile into the ``[rows, num_classes]`` tensor at ``ptr`` (cast to its dtype)."""
+    classes = tl.arange(0, BLOCK_C)
+    tl.store(
+        ptr + rows[:, None] * num_classes + classes[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=row_mask[:, None] & (classes < num_classes)[None, :],
+    )
+

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    add_to_weight_gradient,
+    store_class_tile,
     DOT_PRECISION,
     LATENT_UPDATE_BACKWARD_TILE,
     LATENT_UPDATE_TILE,
@@ -106,8 +108,6 @@ def _latent_update_backward_kernel(
     NEEDS_P: tl.constexpr, NEEDS_Q: tl.constexpr, NEEDS_R: tl.constexpr,
 ):
     seed = tl.load(seed_ptr) if NEEDS_R else 0
-    classes = tl.arange(0, BLOCK_C)
-    class_mask = classes < num_classes
     if SINGLE_CHUNK:  # all of W fits in one chunk: load it once, and sum gW over all the program's tiles
         resident_chunk = load_embedding_chunk(W_ptr, num_classes, dim, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < dim, BLOCK_C)
         if NEEDS_W:
@@ -150,17 +150,10 @@ def _latent_update_backward_kernel(
                 if SINGLE_CHUNK:
                     gW_acc += grad_W_chunk
                 else:
-                    tl.atomic_add(
-                        gW_ptr + classes[:, None] * dim + cols[None, :], grad_W_chunk,
-                        mask=class_mask[:, None] & col_mask[None, :], sem="relaxed",
-                    )
+                    add_to_weight_gradient(gW_ptr, grad_W_chunk, num_classes, dim, cols, col_mask, BLOCK_C)
         if NEEDS_LOGITS:
             grad_logits = readout_backward(class_weights, p[:, None] * grad_class_weights, SOFTMAX)
-            tl.store(
-                glogits_ptr + rows[:, None] * num_classes + classes[None, :],
-                grad_logits.to(glogits_ptr.dtype.element_ty),
-                mask=row_mask[:, None] & class_mask[None, :],
-            )
+            store_class_tile(glogits_ptr, grad_logits, rows, row_mask, num_classes, BLOCK_C)
         if NEEDS_P:
             tl.store(gp_ptr + rows, gp, mask=row_mask)
         if NEEDS_Q:
@@ -169,10 +162,7 @@ def _latent_update_backward_kernel(
             tl.store(gr_ptr + rows, gr, mask=row_mask)
     if SINGLE_CHUNK and NEEDS_W:
         cols = tl.arange(0, BLOCK_D)
-        tl.atomic_add(
-            gW_ptr + classes[:, None] * dim + cols[None, :], gW_acc,
-            mask=class_mask[:, None] & (cols < dim)[None, :], sem="relaxed",
-        )
+        add_to_weight_gradient(gW_ptr, gW_acc, num_classes, dim, cols, cols < dim, BLOCK_C)
 
 
 @launches_on_input_device
