@@ -255,7 +255,8 @@ class BlockList(nn.Module):
     """T independent DT blocks, run one after another.
 
     Args:
-        blocks: the ``DTBlock`` modules, all built with the same arguments.
+        blocks: the ``DTBlock`` modules, all built with the same arguments, or a user's blocks
+            behind :class:`noprop.user_blocks.UserBlock` (which has ``DTBlock``'s ``image``/``head``).
     """
 
     def __init__(self, blocks: list[DTBlock]):

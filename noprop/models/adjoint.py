@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -42,6 +44,8 @@ class Adjoint(TimeConditionedModel):
         num_classes, in_channels, image_size, embedding, embedding_dim, width, backend: see
             :class:`noprop.models.base.NoPropModel`.
         ode_steps: Euler steps of the training solve (paper: 1000).
+        block: a factory of ``(x, z, t) -> logits`` blocks in place of the paper's ``TimeBlock``
+            (:mod:`noprop.user_blocks`).
     """
 
     method = "adjoint"
@@ -60,8 +64,9 @@ class Adjoint(TimeConditionedModel):
         ode_steps: int = PAPER_INFERENCE_STEPS,
         width: float = 1.0,
         backend: str = "auto",
+        block: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
         self.ode_steps = check_positive_int("ode_steps", ode_steps)
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         self.reset_classifier()
@@ -75,7 +80,11 @@ class Adjoint(TimeConditionedModel):
         return ops.latent_update(logits, self.embedding.weight, z, 1.0, 0.0, 0.0, 0, readout="linear", backend=self.backend)
 
     def _adjoint_parameters(self) -> list[torch.Tensor]:
-        """What ``f`` reads besides its state: the block's label, time and fusion layers, and a trained embedding."""
+        """What ``f`` reads besides its state: the block's label, time and fusion layers, and a trained embedding.
+
+        A user block (:mod:`noprop.user_blocks`) gives all its parameters: which ones its ``image``
+        reads is not known, and the adjoint pass gives those it does not read a zero gradient.
+        """
         head = [p for name, p in self.block.named_parameters() if not name.startswith("image.")]
         return head + ([self.embedding.weight] if self.embedding.learnable else [])
 

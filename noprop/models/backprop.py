@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from noprop import ops
 from noprop.models.base import NoPropModel
 from noprop.objectives import LossTerms, cross_entropy
 from noprop.stack import BlockStack
+from noprop.user_blocks import FuncBlockStack
 from noprop.validation import check_positive_int
 
 INITIAL_MIXING = 0.5  # alpha_t at initialisation: every block moves z halfway towards its prediction
@@ -36,6 +38,8 @@ class Backprop(NoPropModel):
         num_classes, in_channels, image_size, embedding, embedding_dim, width, backend: see
             :class:`noprop.models.base.NoPropModel`.
         T: number of blocks (paper: 10).
+        block: a block factory (``(x, z) -> logits``) in place of the paper's ``DTBlock``, the T
+            blocks stacked by :class:`noprop.user_blocks.FuncBlockStack` (see :mod:`noprop.user_blocks`).
     """
 
     method = "backprop"
@@ -51,10 +55,14 @@ class Backprop(NoPropModel):
         *,
         width: float = 1.0,
         backend: str = "auto",
+        block: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
         self.T = check_positive_int("T", T)
-        self.blocks = BlockStack.build(T, **self.block_arguments())
+        if self.block_factory is not None:
+            self.blocks = FuncBlockStack(self.build_user_blocks(T, time_conditioned=False))
+        else:
+            self.blocks = BlockStack.build(T, **self.block_arguments())
         self.mixing_logit = nn.Parameter(torch.full((T,), math.atanh(INITIAL_MIXING)))  # w_t
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         self.reset_classifier()

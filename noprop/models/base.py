@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -11,6 +13,7 @@ from noprop.embeddings import LabelEmbedding
 from noprop.objectives import LossTerms
 from noprop import backends
 from noprop.stacked_layers import set_backend
+from noprop.user_blocks import UserBlock, build_blocks, check_factory, factory_name
 from noprop.validation import check_choice, check_images, check_labels, check_positive_int
 
 
@@ -30,6 +33,12 @@ class NoPropModel(nn.Module):
             (``"reference"``, ``"triton"``, ``"extension"``; :mod:`noprop.backends`). An op the
             backend lacks runs on the reference (the extension has no ``stacked_linear``).
             Setting ``model.backend`` later reaches every layer too.
+        block: a block factory in place of the paper's block (None): a callable, usually an
+            ``nn.Module`` class, that the model calls with keyword arguments (``num_classes``,
+            ``in_channels``, ``image_size``, ``embed_dim``, ``config``, ``prototype``,
+            ``time_conditioned``: those its signature names) to build each block. The contract,
+            the optional ``image``/``head`` split and how such a model is rebuilt from a checkpoint:
+            :mod:`noprop.user_blocks`; examples: :mod:`noprop.zoo`.
 
     Subclasses implement :meth:`loss_terms` and :meth:`predict`, and a model whose inference has a
     choice of solver lists them in :attr:`solvers` with its :attr:`default_solver`.
@@ -48,8 +57,10 @@ class NoPropModel(nn.Module):
         embedding_dim: int | None = None,
         width: float = 1.0,
         backend: str = "auto",
+        block: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
+        self.block_factory = None if block is None else check_factory(block)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"num_classes: expected at least 2 classes, got {num_classes}")
@@ -97,13 +108,22 @@ class NoPropModel(nn.Module):
             prototype=self.embedding.kind == "prototype",
         )
 
+    def build_user_blocks(self, count: int, time_conditioned: bool) -> list[UserBlock]:
+        """``count`` blocks from the model's block factory (:func:`noprop.user_blocks.build_blocks`)."""
+        return build_blocks(self.block_factory, count, {**self.block_arguments(), "time_conditioned": time_conditioned})
+
     @property
     def embed_dim(self) -> int:
         """The label embedding dimension ``D``."""
         return self.embedding.dim
 
     def config(self) -> dict:
-        """Constructor arguments that rebuild this model (stored in checkpoints)."""
+        """Constructor arguments that rebuild this model (stored in checkpoints).
+
+        A model with a user block records its factory as the string ``"module:qualname"`` under
+        ``"block"``: rebuilding needs the factory itself in its place (:mod:`noprop.user_blocks`).
+        """
+        block = {} if self.block_factory is None else {"block": factory_name(self.block_factory)}
         return {
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
@@ -112,6 +132,7 @@ class NoPropModel(nn.Module):
             "embedding_dim": self.embedding.dim,
             "width": self.width,
             "backend": self.backend,
+            **block,
         }
 
     def check_inputs(self, x: object, y: object | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -85,6 +85,8 @@ class NoPropCT(TimeConditionedModel):
         num_classes, in_channels, image_size, embedding, embedding_dim, width, backend: see
             :class:`noprop.models.base.NoPropModel`.
         eta: scale of the L2 term (paper: 1).
+        block: a factory of ``(x, z, t) -> logits`` blocks in place of the paper's ``TimeBlock``
+            (:mod:`noprop.user_blocks`).
     """
 
     method = "ct"
@@ -103,8 +105,9 @@ class NoPropCT(TimeConditionedModel):
         *,
         width: float = 1.0,
         backend: str = "auto",
+        block: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
         self.eta = check_number("eta", eta)
         self.noise_schedule = LearnableSchedule()
         self.classifier = nn.Linear(self.embed_dim, num_classes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from noprop.models.base import NoPropModel
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import CosineSchedule
 from noprop.stack import BlockList, BlockStack, check_block_range
+from noprop.user_blocks import FuncBlockStack
 from noprop.validation import check_choice, check_number, check_positive_int
 
 SCHEDULES = ("batched", "paper")
@@ -38,6 +41,10 @@ class NoPropDT(NoPropModel):
             wide network, :class:`noprop.stack.BlockStack`) or ``"paper"`` (Algorithm 1: the
             trainer makes a full pass over the data per block; the blocks are independent modules,
             :class:`noprop.stack.BlockList`, so the optimizer touches only the block in training).
+        block: a block factory (``(x, z) -> logits``) in place of the paper's ``DTBlock``: the
+            batched schedule runs the T user blocks as one network through ``torch.func``
+            (:class:`noprop.user_blocks.FuncBlockStack`), the paper schedule as a ``BlockList``.
+            See :mod:`noprop.user_blocks`.
 
     What the ``batched`` schedule changes against Algorithm 1 (each block's own gradient is
     the same either way; the blocks' parameters are disjoint):
@@ -69,14 +76,19 @@ class NoPropDT(NoPropModel):
         width: float = 1.0,
         backend: str = "auto",
         schedule: str = "batched",
+        block: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
         self.T = check_positive_int("T", T)
         self.eta = check_number("eta", eta)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.noise_schedule = CosineSchedule(T)
-        container = BlockStack if schedule == "batched" else BlockList
-        self.blocks = container.build(T, **self.block_arguments())
+        if self.block_factory is not None:
+            user_blocks = self.build_user_blocks(T, time_conditioned=False)
+            self.blocks = FuncBlockStack(user_blocks) if schedule == "batched" else BlockList(user_blocks)
+        else:
+            container = BlockStack if schedule == "batched" else BlockList
+            self.blocks = container.build(T, **self.block_arguments())
         self.classifier = nn.Linear(self.embed_dim, num_classes)
         self.reset_classifier()
         s = self.noise_schedule

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -38,8 +40,9 @@ class NoPropFM(TimeConditionedModel):
         *,
         width: float = 1.0,
         backend: str = "auto",
+        block: Callable[..., nn.Module] | None = None,
     ):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
         if self.embedding.learnable:
             self.classifier = nn.Linear(self.embed_dim, num_classes)  # theta_out of the anchor term
             self.reset_classifier()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from noprop import ops
 from noprop.blocks import TimeBlock
@@ -76,16 +77,30 @@ class TimeConditionedModel(NoPropModel):
 
     Subclasses set :attr:`readout` and implement :meth:`ode_coefficients` and :meth:`class_logits`;
     one with more solvers than the ODE's extends :attr:`solvers` and :meth:`solve`.
-    Arguments: see :class:`noprop.models.base.NoPropModel`.
+    Arguments: see :class:`noprop.models.base.NoPropModel`; ``block`` is a factory of
+    ``(x, z, t) -> logits`` blocks (:mod:`noprop.user_blocks`) in place of the paper's ``TimeBlock``.
     """
 
     readout: str = "softmax"
     solvers = ("euler", "heun")
     default_solver = "euler"
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, embedding: str, embedding_dim: int | None, width: float, backend: str):
-        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend)
-        self.block = TimeBlock(**self.block_arguments())
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        embedding: str,
+        embedding_dim: int | None,
+        width: float,
+        backend: str,
+        block: Callable[..., nn.Module] | None = None,
+    ):
+        super().__init__(num_classes, in_channels, image_size, embedding, embedding_dim, width, backend, block)
+        if self.block_factory is not None:  # a user block (x, z, t) -> logits behind TimeBlock's interface
+            self.block = self.build_user_blocks(1, time_conditioned=True)[0]
+        else:
+            self.block = TimeBlock(**self.block_arguments())
 
     def ode_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``P(t), Q(t)`` of ``dz/dt = P u_hat + Q z`` at the times ``t [n]``."""
