@@ -42,7 +42,10 @@ buffer or a constant; no parameter shared inside a block or between blocks; vmap
 (no ``.item()`` or Python branching on tensor values, no in-place writes into its inputs).
 BatchNorm works: each block's running statistics are updated from that block's batch (the stacked
 buffers are updated in place through the vmapped ``batch_norm``), and dropout masks are drawn
-independently per block.
+independently per block. ``TrainStep(compile=True)`` traces the whole path (``fullgraph=True``).
+Tested on torch 2.14 (the APIs used, ``torch.func.functional_call`` and ``vmap(randomness=...)``,
+exist since torch 2.0; the batching rule of ``batch_norm`` with batched running statistics since
+functorch).
 
 **Checkpoints.** A factory is code, and a checkpoint holds data only (loading one never imports or
 runs anything). ``model.config()`` records the factory as a string ``"module:qualname"`` under
@@ -248,6 +251,9 @@ class FuncBlockStack(nn.Module):
             for name, _ in first.named_buffers():
                 _set_tensor(stacked, name, torch.stack([b.get_buffer(name) for b in blocks]), parameter=False)
         self.stacked = stacked
+        # calls stacked's methods under functional_call; kept out of the module tree (no second copy
+        # of the weights in the state dict), built once (torch.compile does not trace a module built per call)
+        self.__dict__["_caller"] = _Method(stacked)
         self.train(first.training)
 
     @classmethod
@@ -281,7 +287,7 @@ class FuncBlockStack(nn.Module):
         return {"module." + name: tensor[index] for name, tensor, _ in self._named_tensors()}
 
     def _vmapped(self, method: str, blocks: range, args: tuple, in_dims: tuple) -> torch.Tensor:
-        caller = _Method(self.stacked)
+        caller = self._caller
 
         def one_block(state: dict, *inputs: torch.Tensor) -> torch.Tensor:
             return functional_call(caller, state, (method, *inputs))
@@ -303,7 +309,7 @@ class FuncBlockStack(nn.Module):
 
     def head(self, t: int, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Block ``t``'s logits ``[B, C]`` from its image features ``features[t]`` and ``z [B, D]`` (one block, no vmap)."""
-        return functional_call(_Method(self.stacked), self._state(t), ("head", features[t], z))
+        return functional_call(self._caller, self._state(t), ("head", features[t], z))
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip each block's gradient norm to ``max_norm`` separately; returns the norms ``[T]`` before clipping."""
