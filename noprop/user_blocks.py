@@ -43,9 +43,9 @@ buffer or a constant; no parameter shared inside a block or between blocks; vmap
 BatchNorm works: each block's running statistics are updated from that block's batch (the stacked
 buffers are updated in place through the vmapped ``batch_norm``), and dropout masks are drawn
 independently per block. ``TrainStep(compile=True)`` traces the whole path (``fullgraph=True``).
-Tested on torch 2.14 (the APIs used, ``torch.func.functional_call`` and ``vmap(randomness=...)``,
-exist since torch 2.0; the batching rule of ``batch_norm`` with batched running statistics since
-functorch).
+Tested on torch 2.14.1 only (no other version was at hand); the APIs used,
+``torch.func.functional_call`` and ``vmap(randomness=...)``, are public since torch 2.0, and
+``tests/test_user_blocks.py`` checks the BatchNorm statistics on whichever torch runs it.
 
 **Checkpoints.** A factory is code, and a checkpoint holds data only (loading one never imports or
 runs anything). ``model.config()`` records the factory as a string ``"module:qualname"`` under
