@@ -20,7 +20,7 @@ from noprop.train import TrainConfig, build_optimizer, evaluate, train
 
 pytestmark = pytest.mark.slow
 
-DT_EPOCHS = 6
+DT_EPOCHS = 4  # measured: batched 96.45%, paper schedule 96.15% after 4 (bench/results/accuracy-cpu.json)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_paper_schedule_matches_batched_within_one_point(dt_batched_accuracy, mn
     assert abs(paper - dt_batched_accuracy) <= 0.01
 
 
-@pytest.mark.parametrize("method,epochs", [("ct", 20), ("fm", 10), ("backprop", 2)])
+@pytest.mark.parametrize("method,epochs", [("ct", 12), ("fm", 10), ("backprop", 2)])  # measured: 93.0%, 94.5%, 94.2%
 def test_ct_fm_backprop_beat_80_percent(method, epochs, mnist_split, tmp_path):
     assert _train(tmp_path, mnist_split, method=method, epochs=epochs) > 0.80
 
