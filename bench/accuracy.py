@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dataset = mnist_test_split(args.data_dir)
     name = device_name(device)
+    code = versions()  # the commit the runs execute: read once, before any run (HEAD may move while they train)
     path = pathlib.Path(args.out) / f"accuracy-{device_tag(device, name)}.json"
     results = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA, "runs": {}}
     for run_name in args.runs:
         print(f"run {run_name} ...", file=sys.stderr, flush=True)
         record = run(run_name, dataset, device)
-        record.update(date_utc=utc_now(), versions=versions(), device={"type": device.type, "name": name, "torch_threads": torch.get_num_threads()})
+        record.update(date_utc=utc_now(), versions=code, device={"type": device.type, "name": name, "torch_threads": torch.get_num_threads()})
         results["runs"][run_name] = record
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
