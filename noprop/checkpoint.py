@@ -50,7 +50,14 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _describe(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
+    """One line about ``error``; for torch's weights-only refusal only the refused content (its advice
+    to load with ``weights_only=False`` is exactly what a noprop checkpoint must never need)."""
+    raw = str(error)
+    if raw.startswith("Weights only load failed"):  # torch's refusal: advice paragraph, the reason, a link
+        paragraphs = [p for p in raw.split("\n\n")[1:] if p.strip() and not p.strip().startswith("Check the documentation")]
+        reason = " ".join(" ".join(paragraphs).split()).split("WeightsUnpickler error:")[-1].strip()
+        raw = f"it holds content other than tensors and plain data ({reason or 'unreadable'}); nothing in it was run"
+    text = " ".join(raw.split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -180,7 +187,7 @@ def load(path: str | os.PathLike) -> dict:
     try:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign pickle, a damaged zip, an empty file, ...
-        raise ValueError(f"checkpoint: {path} is not a noprop checkpoint (it does not load as plain data: {_describe(error)})") from None
+        raise ValueError(f"checkpoint: {path} is not a noprop checkpoint ({_describe(error)})") from None
     if not isinstance(wrapper, dict) or wrapper.get("format") != MAGIC:
         raise ValueError(f"checkpoint: {path} is not a noprop checkpoint (no {MAGIC!r} format marker)")
     if wrapper.get("version") != FORMAT_VERSION:

@@ -73,9 +73,11 @@ def test_1_crafted_pickle_is_not_executed(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": ckpt.FORMAT_VERSION, "model": Exploit()}, evil)
-    with pytest.raises(ValueError, match=f"checkpoint: {evil}"):
+    with pytest.raises(ValueError, match=f"checkpoint: {evil}") as refused:
         ckpt.load(evil)
     assert not marker.exists()
+    # the message says what was refused and never passes on torch's advice to load it unsafely
+    assert "nothing in it was run" in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 def test_1_files_that_are_not_checkpoints_get_one_clear_error(tmp_path):
