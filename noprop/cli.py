@@ -1,4 +1,4 @@
-"""The ``noprop`` command: ``train``, ``eval``, ``bench`` and ``info``.
+"""The ``noprop`` command: ``train``, ``eval``, ``compare``, ``bench`` and ``info``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     noprop eval --checkpoint runs/ct-cifar10/checkpoint.pt --solver ancestral --inference-steps 1000
     noprop train --resume runs/dt-mnist/checkpoint.pt --epochs 20
     noprop eval --checkpoint runs/dt-mnist/checkpoint.pt
+    noprop compare --methods dt,backprop --embeddings onehot --seeds 3 --inference-runs 5 --epochs 10 --out runs/compare
     noprop info
 """
 
@@ -172,6 +173,49 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """``noprop compare``'s options: the comparison's own, and the training options every run shares."""
+    from noprop.compare import CompareConfig
+    from noprop.data import DATASETS
+    from noprop import backends
+
+    defaults = CompareConfig()
+    add = parser.add_argument
+    add("--methods", default=",".join(defaults.methods), help="comma-separated methods (dt, ct, fm, backprop, adjoint)")
+    add("--embeddings", default=",".join(defaults.embeddings), help="comma-separated label embeddings (onehot, learned, prototype)")
+    add("--seeds", type=int, default=defaults.seeds, help="training seeds per method and embedding (0..N-1)")
+    add("--inference-runs", type=int, default=defaults.inference_runs, help="evaluations of each model with fresh inference noise")
+    add("--out", default=defaults.out, help="folder of the comparison: runs/, compare.json, compare.md, compare.png; "
+        "rerunning the same command there continues it")
+    add("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
+    add("--data-dir", default=None, help="folder with local IDX (MNIST, Fashion-MNIST) or CIFAR python files")
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--lr", type=float, default=defaults.lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--width", type=float, default=defaults.width, help="multiplier of the paper's layer widths")
+    add("--T", type=int, default=None, help="number of blocks (DT, backprop; default 10)")
+    add("--ode-steps", type=int, default=None, help="adjoint: Euler steps of the training solve (paper: 1000)")
+    add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM/adjoint inference steps (default 1000)")
+    add("--train-limit", type=int, default=None, metavar="N", help="train on a random N training images (the same for every run)")
+    add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
+    add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    add("--backend", type=_backend_name, default=defaults.backend, metavar="{" + ",".join(("auto",) + backends.names()) + "}")
+    add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
+    add("--no-progress", action="store_true", help="no progress lines or bars")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from noprop.compare import CompareConfig, compare
+
+    names = {field.name for field in dataclasses.fields(CompareConfig)} - {"progress"}
+    config = CompareConfig(**{name: getattr(args, name) for name in names}, progress=not args.no_progress)
+    result = compare(config)
+    cells = [{k: cell[k] for k in ("method", "embedding")} | {"test_accuracy": cell["test_accuracy"]["mean"]} for cell in result.report["cells"]]
+    print(json.dumps({"out": str(result.out), "report": str(result.out / "compare.md"), "cells": cells}))
+    return 0
+
+
 def _backend_name(value: str) -> str:
     """``--backend``: ``auto`` or a registered backend; the deprecated ``cuda`` warns and becomes ``extension``."""
     import warnings
@@ -276,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_solver_argument(eval_parser)
     eval_parser.add_argument("--deterministic-inference", action="store_true")
     eval_parser.set_defaults(handler=_eval)
+    compare_parser = commands.add_parser(
+        "compare", help="train and evaluate methods x embeddings x seeds; write compare.json, compare.md, compare.png"
+    )
+    _add_compare_arguments(compare_parser)
+    compare_parser.set_defaults(handler=_compare)
     info_parser = commands.add_parser("info", help="versions, devices and which backends can run")
     info_parser.set_defaults(handler=_info)
     commands.add_parser(
