@@ -56,7 +56,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "on --resume the checkpoint's folder); a folder holding another run is refused")
     add("--overwrite", action="store_true", help="replace the run already in --out")
     add("--resume", default=None, metavar="CKPT", help="continue the run saved in this checkpoint (its settings; "
-        "--epochs, --data-dir, --out, --device, --backend, --compile, --block-chunk may change)")
+        "--epochs, --data-dir, --out, --device, --backend, --compile, --block-chunk, --precision may change)")
     add("--train-limit", type=int, default=None, metavar="N", help="train on a random N training images")
     add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
     add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM/adjoint inference steps (default 1000)")
@@ -66,7 +66,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-clip", type=float, default=None, metavar="NORM", help="clip gradient norms, every DT block separately")
     add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
     add("--cuda-graphs", action="store_true", help="capture the whole training step in a CUDA graph (GPU)")
+    _add_precision_argument(parser, defaults.precision, "training and evaluation")
     add("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_precision_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """``--precision {fp32,tf32,bf16}`` (:mod:`noprop.precision`)."""
+    from noprop.precision import PRECISIONS
+
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=default,
+        help=f"numeric precision of {what}: fp32, tf32 (TF32 matmuls and convolutions on a GPU) or bf16 (bfloat16 autocast; "
+        "parameters and optimizer stay float32)" + ("" if default else "; default: the checkpoint's run"),
+    )
 
 
 def _add_solver_argument(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
     from noprop import checkpoint as ckpt
     from noprop.config import TrainConfig, inference_kwargs, resolve_device
     from noprop.data import load_dataset
+    from noprop.precision import check_backend
     from noprop.run_folder import model_from_checkpoint
     from noprop.train import evaluate
 
@@ -151,6 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
         "deterministic_inference": args.deterministic_inference or None,
         "data_dir": args.data_dir,
         "eval_limit": args.eval_limit,
+        "precision": args.precision,
     }
     config = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
     device = resolve_device(args.device)
@@ -167,9 +181,10 @@ def _eval(args: argparse.Namespace) -> int:
             "pass --data-dir with the training data"
         )
     model = model_from_checkpoint(state, args.checkpoint, device)
+    check_backend(config.precision, model.backend, device)
     torch.manual_seed(config.seed)
-    accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **inference_kwargs(config))
-    print(json.dumps({"checkpoint": args.checkpoint, "method": state["method"], "epoch": state["epoch"], "dataset": dataset.name, "test_examples": int(dataset.test_x.shape[0]), "test_accuracy": accuracy}))
+    accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **inference_kwargs(config), precision=config.precision)
+    print(json.dumps({"checkpoint": args.checkpoint, "method": state["method"], "epoch": state["epoch"], "dataset": dataset.name, "test_examples": int(dataset.test_x.shape[0]), "precision": config.precision, "test_accuracy": accuracy}))
     return 0
 
 
@@ -319,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--inference-steps", type=int, default=None)
     _add_solver_argument(eval_parser)
     eval_parser.add_argument("--deterministic-inference", action="store_true")
+    _add_precision_argument(eval_parser, None, "inference")
     eval_parser.set_defaults(handler=_eval)
     compare_parser = commands.add_parser(
         "compare", help="train and evaluate methods x embeddings x seeds; write compare.json, compare.md, compare.png"

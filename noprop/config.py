@@ -18,6 +18,7 @@ import torch
 
 from noprop.data import ImageDataset
 from noprop.models import METHODS, MODELS
+from noprop.precision import check_precision
 from noprop.validation import check_choice, check_number, check_positive_int
 
 PAPER_ETA = {"dt": 0.1, "ct": 1.0}
@@ -30,7 +31,9 @@ APPLIES_TO = {  # option: the methods it means something to (elsewhere it is ref
     "inference_steps": ("ct", "fm", "adjoint"),
 }
 # options a resumed run may change; every other one must match the checkpoint's run
-RESUME_MAY_CHANGE = ("epochs", "out", "progress", "device", "resume", "data_dir", "overwrite", "backend", "compile", "block_chunk")
+RESUME_MAY_CHANGE = (
+    "epochs", "out", "progress", "device", "resume", "data_dir", "overwrite", "backend", "compile", "block_chunk", "precision",
+)
 
 
 class InapplicableOptionWarning(UserWarning):
@@ -58,6 +61,8 @@ class TrainConfig:
     :class:`InapplicableOptionWarning` naming it, so it is never recorded as if used. Numbers
     must be finite (``lr``, ``width``, ``eta``, ``grad_clip`` positive, ``weight_decay`` >= 0).
     ``overwrite`` lets a new run replace the run already in ``out`` (otherwise refused).
+    ``precision`` is ``"fp32"``, ``"tf32"`` or ``"bf16"`` (:mod:`noprop.precision`: TF32 matmuls
+    around every training step and evaluation, or bfloat16 autocast there).
     """
 
     method: str = "dt"
@@ -88,11 +93,13 @@ class TrainConfig:
     grad_clip: float | None = None
     compile: bool = False
     cuda_graphs: bool = False
+    precision: str = "fp32"
     progress: bool = True
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        check_precision(self.precision)
         for name in ("epochs", "batch_size"):
             check_positive_int(name, getattr(self, name))
         for name in ("T", "ode_steps", "inference_steps", "block_chunk", "embedding_dim", "train_limit", "eval_limit"):

@@ -45,6 +45,7 @@ from noprop.config import (
 from noprop.data import BatchLoader, ImageDataset, load_dataset
 from noprop.models import NoPropModel, build_model
 from noprop.objectives import LossTerms
+from noprop.precision import check_backend, precision_scope
 from noprop.run_folder import (
     TrainingInterrupted,
     SignalGuard,
@@ -114,8 +115,12 @@ def evaluate(
     solver: str | None = None,
     deterministic: bool = False,
     batch_size: int = EVAL_BATCH,
+    precision: str = "fp32",
 ) -> tuple[float, torch.Tensor]:
     """Accuracy of ``model.predict`` on ``x``; the labels ``y`` are only compared with the predictions.
+
+    ``precision``: ``"fp32"``, ``"tf32"`` or ``"bf16"``; the predictions run inside
+    :func:`noprop.precision.precision_scope` (TF32 matmuls, or bfloat16 autocast).
 
     Returns:
         ``(accuracy in [0, 1], predicted classes [N])``.
@@ -123,9 +128,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     predictions = []
-    for start in range(0, x.shape[0], batch_size):
-        logits = model.predict(x[start : start + batch_size], steps=steps, solver=solver, deterministic=deterministic)
-        predictions.append(logits.argmax(dim=-1))
+    with precision_scope(precision, x.device):
+        for start in range(0, x.shape[0], batch_size):
+            logits = model.predict(x[start : start + batch_size], steps=steps, solver=solver, deterministic=deterministic)
+            predictions.append(logits.argmax(dim=-1))
     model.train(was_training)
     predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long, device=x.device)
     accuracy = (predicted == y).float().mean().item() if y.numel() else float("nan")
@@ -238,6 +244,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
     device = resolve_device(config.device)
     if config.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs: capturing the step needs a CUDA device, the run is on {device}")
+    check_backend(config.precision, config.backend, device)
     continuing = checkpoint_path is not None and out == checkpoint_path.resolve().parent
     replace = bool(check_out(out, config, continuing)) and not continuing
     _set_seeds(config.seed)
@@ -291,7 +298,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             stats, train_seconds = _run_epoch(model, step, loader, config, epoch, device)
             _check_model_finite(model, f"after epoch {epoch}", epoch)
             eval_start = time.perf_counter()
-            eval_kwargs = inference_kwargs(config)
+            eval_kwargs = {**inference_kwargs(config), "precision": config.precision}
             train_accuracy, _ = evaluate(model, *train_eval, **eval_kwargs)
             test_accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **eval_kwargs)
             record = {
@@ -372,7 +379,8 @@ def _run_epoch(
     steps = 0
     for blocks in passes:
         for x, y in loader:
-            terms = step(x, y, blocks)
+            with precision_scope(config.precision, device, cache_enabled=False):  # no bf16 weight copies across optimizer steps
+                terms = step(x, y, blocks)
             stats.add(terms, blocks, getattr(model, "T", None))
             nonfinite |= ~torch.isfinite(terms.total)
             bad_parameters |= _parameters_nonfinite(parameters)
