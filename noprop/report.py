@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from noprop.config import APPLIES_TO, PAPER_ODE_STEPS, PAPER_T
+from noprop.models.ode import PAPER_INFERENCE_STEPS
 from noprop.plots import plt
 from noprop.run_folder import write_json_atomic
 
@@ -142,18 +144,27 @@ def markdown(content: dict) -> str:
     """The Table-1-style table (one row per method x embedding) with the budget, the data and the machine."""
     a, data, env = content["arguments"], content["dataset"], content["environment"]
     runs = len(a["methods"]) * len(a["embeddings"]) * a["seeds"]
-    budget = (
-        f"{a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']}, weight decay {a['weight_decay']}, width {a['width']}, "
-        f"T {a['T'] or 'the paper default (10)'}, inference steps {a['inference_steps'] or 'the default (1000)'}"
-    )
+    budget = [f"{a['epochs']} epoch{'s' if a['epochs'] > 1 else ''}", f"batch {a['batch_size']}", f"lr {a['lr']}",
+              f"weight decay {a['weight_decay']}", f"width {a['width']}"]
+    defaults = (("T", "T", PAPER_T), ("ode_steps", "adjoint training steps", PAPER_ODE_STEPS),
+                ("inference_steps", "inference steps", PAPER_INFERENCE_STEPS))
+    for name, label, default in defaults:
+        users = [m for m in a["methods"] if m in APPLIES_TO[name]]
+        if users:
+            budget.append(f"{label} {a[name] or default} ({', '.join(users)})")
+    fallback = f" (the offline fallback: {data['requested']!r} could not be loaded)" if data["name"] != data["requested"] else ""
+    commit = env["commit"] or "unknown"
+    if env.get("uncommitted"):
+        commit += f" with {len(env['uncommitted'])} uncommitted library file(s)"
     kind = content["cells"][0]["peak_memory_kind"] if content["cells"] else ""
     lines = [
         f"# NoProp comparison on {data['name']}",
         "",
-        f"{data['train_examples']} training and {data['test_examples']} test images; {runs} runs: "
-        f"{a['seeds']} training seeds x {a['inference_runs']} inference runs per method and embedding. Budget: {budget}.",
+        f"{data['train_examples']} training and {data['test_examples']} test images{fallback}; {runs} runs: "
+        f"{a['seeds']} training seeds x {a['inference_runs']} inference runs per method and embedding. "
+        f"Budget: {', '.join(budget)}.",
         f"Device: {env['device']} ({env['device_name']}, {env['torch_threads']} CPU threads), torch {env['torch']}, "
-        f"python {env['python']}, commit {env['commit'] or 'unknown'}, {content['date_utc']}.",
+        f"python {env['python']}, commit {commit}, {content['date_utc']}.",
         "",
         "| method | embedding | train accuracy (%) | test accuracy (%) | seconds / epoch | peak memory (MB) | parameters |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -189,6 +200,8 @@ def figure(content: dict, path: pathlib.Path) -> None:
         curve = cell["test_accuracy_per_epoch"]
         curves.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", color=color, label=label.replace("\n", " "))
     curves.set(title="Learning curves (test, mean over seeds)", xlabel="epoch", ylabel="test accuracy (%)")
+    curves.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    curves.set_xlim(0.5, max((len(c["test_accuracy_per_epoch"]) for c in summaries), default=1) + 0.5)
     curves.legend(fontsize=7)
 
     def bars(axis, values, errors, title, ylabel):
