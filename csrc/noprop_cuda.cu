@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 
 #include "noprop_math.h"
 #include "noprop_ops.h"
@@ -688,6 +689,83 @@ __global__ void __launch_bounds__(kMaxThreads) latent_update_backward_kernel(
   if (needs_W) flush_outer_sum(gW_sum);
 }
 
+// ================================================================================== conv epilogue
+
+// The epilogue's geometry: strides (elements) of x, y (argmax shares y's) and the upstream/input
+// gradients, and the dropout key's counters.
+struct EpilogueGeometry {
+  int64_t x_b, x_k, x_h, x_w;
+  int64_t y_b, y_k, y_h, y_w;
+  int Ho, Wo, C;
+  bool pooled;
+  float p, scale;
+  uint32_t row_offset, block_offset, stream;
+};
+
+// (b, k, ho, wo) of flat index `idx` in the launch order: channels fastest when the input is
+// channels-last (coalesced), else columns fastest. by_0, by_1, by_2 divide by the three fastest sizes.
+template <typename index_t, bool kChannelsInner>
+__device__ __forceinline__ void epilogue_position(index_t idx, IntDivider<index_t> by_0, IntDivider<index_t> by_1,
+                                                  IntDivider<index_t> by_2, int64_t& b, int64_t& k, int64_t& ho,
+                                                  int64_t& wo) {
+  const auto d0 = by_0.divmod(idx);
+  const auto d1 = by_1.divmod(d0.div);
+  const auto d2 = by_2.divmod(d1.div);
+  if (kChannelsInner) {  // ((b Ho + ho) Wo + wo) K + k
+    k = d0.mod, wo = d1.mod, ho = d2.mod, b = d2.div;
+  } else {  // ((b K + k) Ho + ho) Wo + wo
+    wo = d0.mod, ho = d1.mod, k = d2.mod, b = d2.div;
+  }
+}
+
+template <typename scalar_t, typename index_t, bool kChannelsInner>
+__global__ void __launch_bounds__(kMaxThreads) conv_epilogue_forward_kernel(
+    const scalar_t* x, const int64_t* seed, scalar_t* y, uint8_t* argmax, index_t numel, IntDivider<index_t> by_0,
+    IntDivider<index_t> by_1, IntDivider<index_t> by_2, EpilogueGeometry g) {
+  const PhiloxKey key = philox_key(*seed);
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel;
+       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    int64_t b, k, ho, wo;
+    epilogue_position<index_t, kChannelsInner>(idx, by_0, by_1, by_2, b, k, ho, wo);
+    const int64_t step = g.pooled ? 2 : 1;
+    const scalar_t* window = x + b * g.x_b + k * g.x_k + ho * step * g.x_h + wo * step * g.x_w;
+    const WindowMax m = g.pooled ? window_max(window, g.x_h, g.x_w) : WindowMax{static_cast<float>(window[0]), 0};
+    bool keep = true;
+    if (g.p > 0.0f) {
+      const uint32_t block = g.block_offset + static_cast<uint32_t>(k / g.C);
+      const uint32_t element = static_cast<uint32_t>((ho * g.Wo + wo) * g.C + k % g.C);
+      keep = dropout_keep(dropout_draw(key, element, g.row_offset + static_cast<uint32_t>(b), block, g.stream), element, g.p);
+    }
+    const int64_t at = b * g.y_b + k * g.y_k + ho * g.y_h + wo * g.y_w;
+    y[at] = static_cast<scalar_t>(epilogue_value(m.value, keep, g.scale));
+    if (g.pooled) argmax[at] = m.index;
+  }
+}
+
+// grad_x from grad_y (strides in g.x_* for grad_y, g.y_* for y/argmax) into grad_x (gx_* strides).
+template <typename scalar_t, typename index_t, bool kChannelsInner>
+__global__ void __launch_bounds__(kMaxThreads) conv_epilogue_backward_kernel(
+    const scalar_t* grad_y, const scalar_t* y, const uint8_t* argmax, scalar_t* grad_x, index_t numel,
+    IntDivider<index_t> by_0, IntDivider<index_t> by_1, IntDivider<index_t> by_2, EpilogueGeometry g, int64_t gx_b,
+    int64_t gx_k, int64_t gx_h, int64_t gx_w) {
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel;
+       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    int64_t b, k, ho, wo;
+    epilogue_position<index_t, kChannelsInner>(idx, by_0, by_1, by_2, b, k, ho, wo);
+    const int64_t at_y = b * g.y_b + k * g.y_k + ho * g.y_h + wo * g.y_w;
+    const float upstream = static_cast<float>(grad_y[b * g.x_b + k * g.x_k + ho * g.x_h + wo * g.x_w]);
+    const float value = static_cast<float>(y[at_y]) > 0.0f ? upstream * g.scale : 0.0f;
+    if (!g.pooled) {
+      grad_x[b * gx_b + k * gx_k + ho * gx_h + wo * gx_w] = static_cast<scalar_t>(value);
+      continue;
+    }
+    scalar_t* window = grad_x + b * gx_b + k * gx_k + 2 * ho * gx_h + 2 * wo * gx_w;
+    const int index = argmax[at_y];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) window[(i >> 1) * gx_h + (i & 1) * gx_w] = static_cast<scalar_t>(i == index ? value : 0.0f);
+  }
+}
+
 // ================================================================================== host side
 
 // An attribute of the current device (multiprocessors, shared memory per block, ...).
@@ -1004,6 +1082,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {glogits, needs_W ? gW.to(W.scalar_type()) : gW, gz, gp, gq, gr};
 }
 
+// Launch `kernel` over `numel` output elements of an epilogue in the order the input's layout favours.
+template <typename index_t, typename Launch>
+void launch_epilogue(const EpilogueSizes& s, bool channels_inner, Launch launch) {
+  const index_t K = static_cast<index_t>(s.K), Ho = static_cast<index_t>(s.Ho), Wo = static_cast<index_t>(s.Wo);
+  if (channels_inner) {
+    launch(std::integral_constant<bool, true>{}, IntDivider<index_t>(K), IntDivider<index_t>(Wo), IntDivider<index_t>(Ho));
+  } else {
+    launch(std::integral_constant<bool, false>{}, IntDivider<index_t>(Wo), IntDivider<index_t>(Ho), IntDivider<index_t>(K));
+  }
+}
+
+EpilogueGeometry epilogue_geometry(const at::Tensor& in, const at::Tensor& out, const EpilogueSizes& s, bool pooled,
+                                   double p, int64_t row_offset, int64_t block_offset, int64_t stream) {
+  return {in.stride(0),  in.stride(1),  in.stride(2),  in.stride(3),
+          out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+          static_cast<int>(s.Ho), static_cast<int>(s.Wo), static_cast<int>(s.C), pooled,
+          static_cast<float>(p), dropout_scale(p), static_cast<uint32_t>(row_offset),
+          static_cast<uint32_t>(block_offset), static_cast<uint32_t>(stream)};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_epilogue_forward_cuda(const at::Tensor& x, const at::Tensor& seed, double p,
+                                                              bool pooled, int64_t blocks, int64_t block_offset,
+                                                              int64_t row_offset, int64_t stream,
+                                                              bool contiguous_output) {
+  const EpilogueSizes s = check_conv_epilogue("conv_epilogue_forward", x, seed, p, pooled, blocks, block_offset,
+                                              row_offset, stream);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = epilogue_output(x, s, contiguous_output, x.scalar_type());
+  at::Tensor argmax = pooled ? at::empty_like(y, y.options().dtype(at::kByte)) : at::empty({0}, y.options().dtype(at::kByte));
+  const int64_t numel = y.numel();
+  if (numel == 0) return {y, argmax};
+  const EpilogueGeometry g = epilogue_geometry(x, y, s, pooled, p, row_offset, block_offset, stream);
+  const bool channels_inner = x.stride(1) == 1 && s.K > 1;
+  NOPROP_DISPATCH_ACTIVATIONS(x.scalar_type(), "conv_epilogue_forward", [&] {
+    auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      launch_epilogue<index_t>(s, channels_inner, [&](auto inner, auto by_0, auto by_1, auto by_2) {
+        auto kernel = conv_epilogue_forward_kernel<scalar_t, index_t, decltype(inner)::value>;
+        const int grid = resident_grid(kernel, kMaxThreads, 0, (numel + kMaxThreads - 1) / kMaxThreads);
+        kernel<<<grid, kMaxThreads, 0, current_stream()>>>(
+            x.data_ptr<scalar_t>(), seed.data_ptr<int64_t>(), y.data_ptr<scalar_t>(),
+            pooled ? argmax.data_ptr<uint8_t>() : nullptr, static_cast<index_t>(numel), by_0, by_1, by_2, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (numel < (int64_t{1} << 31)) run(uint32_t{0}); else run(uint64_t{0});
+  });
+  return {y, argmax};
+}
+
+at::Tensor conv_epilogue_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& argmax,
+                                       double p, bool pooled, int64_t height, int64_t width, bool channels_last) {
+  const EpilogueSizes s = check_conv_epilogue_backward("conv_epilogue_backward", grad_y, y, argmax, p, pooled, height, width);
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor grad_x = epilogue_grad_input(y, s, pooled, channels_last);
+  const int64_t numel = y.numel();
+  if (numel == 0) return grad_x;
+  const EpilogueGeometry g = epilogue_geometry(grad_y, y, s, pooled, p, 0, 0, 0);
+  const bool channels_inner = y.stride(1) == 1 && s.K > 1;
+  NOPROP_DISPATCH_ACTIVATIONS(y.scalar_type(), "conv_epilogue_backward", [&] {
+    auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      launch_epilogue<index_t>(s, channels_inner, [&](auto inner, auto by_0, auto by_1, auto by_2) {
+        auto kernel = conv_epilogue_backward_kernel<scalar_t, index_t, decltype(inner)::value>;
+        const int grid = resident_grid(kernel, kMaxThreads, 0, (numel + kMaxThreads - 1) / kMaxThreads);
+        kernel<<<grid, kMaxThreads, 0, current_stream()>>>(
+            grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pooled ? argmax.data_ptr<uint8_t>() : nullptr,
+            grad_x.data_ptr<scalar_t>(), static_cast<index_t>(numel), by_0, by_1, by_2, g, grad_x.stride(0),
+            grad_x.stride(1), grad_x.stride(2), grad_x.stride(3));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    };
+    if (numel < (int64_t{1} << 31)) run(uint32_t{0}); else run(uint64_t{0});
+  });
+  return grad_x;
+}
+
 std::tuple<at::Tensor, at::Tensor> philox_words_cuda(const at::Tensor& seed, const at::Tensor& counter) {
   check_seed("philox_words", seed, counter.device());
   check_tensor("philox_words", "counter", counter, at::kLong, counter.sizes(), counter.device());
@@ -1029,6 +1184,8 @@ TORCH_LIBRARY_IMPL(noprop_ext, CUDA, m) {
   m.impl("latent_update", &latent_update_cuda);
   m.impl("latent_update_backward", &latent_update_backward_cuda);
   m.impl("philox_words", &philox_words_cuda);
+  m.impl("conv_epilogue_forward", &conv_epilogue_forward_cuda);
+  m.impl("conv_epilogue_backward", &conv_epilogue_backward_cuda);
 }
 
 }  // namespace noprop

@@ -38,6 +38,10 @@ struct PhiloxKey {
   uint32_t k0, k1;
 };
 
+struct PhiloxWords {
+  uint32_t w0, w1;
+};
+
 // Key (lo32(seed), hi32(seed)) of a seed in [0, 2**63).
 NOPROP_HOST_DEVICE inline PhiloxKey philox_key(int64_t seed) {
   const uint64_t s = static_cast<uint64_t>(seed);
@@ -53,16 +57,15 @@ NOPROP_HOST_DEVICE inline uint32_t mul_hi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-struct PhiloxWords {
-  uint32_t w0, w1;
+struct PhiloxBlock {
+  uint32_t w[4];
 };
 
-// First two output words of Philox 4x32-10 on the counter (lo32(n), hi32(n), 0, 0). Each round:
+// Philox 4x32-10 on the 128-bit counter (c0, c1, c2, c3). Each round:
 //   (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)),
 //   (k0, k1) += (KEY_A, KEY_B).
 // Straight-line integer code, so a host loop over consecutive counters vectorises.
-NOPROP_HOST_DEVICE inline PhiloxWords philox_words(uint64_t n, PhiloxKey key) {
-  uint32_t c0 = static_cast<uint32_t>(n), c1 = static_cast<uint32_t>(n >> 32), c2 = 0, c3 = 0;
+NOPROP_HOST_DEVICE inline PhiloxBlock philox_block(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
   uint32_t k0 = key.k0, k1 = key.k1;
   NOPROP_UNROLL
   for (int round = 0; round < kPhiloxRounds; ++round) {
@@ -75,7 +78,13 @@ NOPROP_HOST_DEVICE inline PhiloxWords philox_words(uint64_t n, PhiloxKey key) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return {c0, c1};
+  return {{c0, c1, c2, c3}};
+}
+
+// First two output words of Philox 4x32-10 on the counter (lo32(n), hi32(n), 0, 0).
+NOPROP_HOST_DEVICE inline PhiloxWords philox_words(uint64_t n, PhiloxKey key) {
+  const PhiloxBlock b = philox_block(static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32), 0u, 0u, key);
+  return {b.w[0], b.w[1]};
 }
 
 // Triton's uint_to_uniform_float: read the word as int32 x, fold x < 0 to ~x, scale to [0, 1).
@@ -96,6 +105,46 @@ NOPROP_HOST_DEVICE inline float box_muller(float u1, float u2) {
 NOPROP_HOST_DEVICE inline float normal_at(PhiloxKey key, uint64_t n) {
   const PhiloxWords w = philox_words(n, key);
   return box_muller(uniform_from_word(w.w0), uniform_from_word(w.w1));
+}
+
+// ------------------------------------------------------------------------------------------ dropout
+
+// The dropout contract (noprop/rng.py, dropout_keep): element e = (h W + w) C + c of block `block`'s
+// feature map for batch row `row` is kept iff uniform(philox(seed, (e >> 2, row, block, stream))[e & 3])
+// >= p. One Philox draw serves four consecutive elements.
+NOPROP_HOST_DEVICE inline bool dropout_keep(const PhiloxBlock& draw, uint32_t element, float p) {
+  return uniform_from_word(draw.w[element & 3u]) >= p;
+}
+
+NOPROP_HOST_DEVICE inline PhiloxBlock dropout_draw(PhiloxKey key, uint32_t element, uint32_t row, uint32_t block,
+                                                   uint32_t stream) {
+  return philox_block(element >> 2, row, block, stream, key);
+}
+
+// Scale of a kept value, 1 / (1 - p) rounded to float32 (0 when p = 1: nothing is kept).
+NOPROP_HOST_DEVICE inline float dropout_scale(double p) { return p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.0f; }
+
+// The epilogue's output from the (pooled) pre-activation v: dropout(relu(v)). NaN propagates where kept.
+NOPROP_HOST_DEVICE inline float epilogue_value(float v, bool keep, float scale) {
+  return keep && (v > 0.0f || v != v) ? v * scale : 0.0f;
+}
+
+// 2x2 max-pool window starting at `top_left` (row stride sh, column stride sw): the maximum and its
+// position 0..3 in row-major order; the first maximum wins a tie and NaN wins, as in PyTorch.
+struct WindowMax {
+  float value;
+  uint8_t index;
+};
+
+template <typename T>
+NOPROP_HOST_DEVICE inline WindowMax window_max(const T* top_left, int64_t sh, int64_t sw) {
+  WindowMax best{static_cast<float>(top_left[0]), 0};
+  NOPROP_UNROLL
+  for (int i = 1; i < 4; ++i) {
+    const float v = static_cast<float>(top_left[(i >> 1) * sh + (i & 1) * sw]);
+    if (v > best.value || v != v) best = {v, static_cast<uint8_t>(i)};
+  }
+  return best;
 }
 
 // ------------------------------------------------------------------------------------------ softmax pieces

@@ -94,6 +94,61 @@ void check_seed(const char* op, const at::Tensor& seed, at::Device device) {
   TORCH_CHECK(seed.numel() == 1, op, ": seed: expected a tensor with one element, got shape ", seed.sizes());
 }
 
+EpilogueSizes check_conv_epilogue(const char* op, const at::Tensor& x, const at::Tensor& seed, double p, bool pooled,
+                                  int64_t blocks, int64_t block_offset, int64_t row_offset, int64_t stream) {
+  TORCH_CHECK(x.dim() == 4, op, ": x: expected conv outputs [B, K, H, W], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x: expected a contiguous or channels-last tensor");
+  check_activation_dtype(op, "x", x);
+  check_seed(op, seed, x.device());
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": p: expected a drop probability in [0, 1], got ", p);
+  TORCH_CHECK(blocks >= 1 && x.size(1) % blocks == 0, op, ": blocks: expected a divisor of the ", x.size(1),
+              " channels, got ", blocks);
+  TORCH_CHECK(!pooled || (x.size(2) >= 2 && x.size(3) >= 2), op, ": x: a 2x2 max-pool needs H, W >= 2, got ",
+              x.size(2), "x", x.size(3));
+  const int64_t limit = int64_t{1} << 32;
+  TORCH_CHECK(block_offset >= 0 && row_offset >= 0 && stream >= 0 && block_offset + blocks <= limit &&
+                  row_offset + x.size(0) <= limit && stream < limit,
+              op, ": block_offset, row_offset, stream: expected indices in [0, 2**32)");
+  EpilogueSizes s{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2), x.size(3), x.size(1) / blocks};
+  if (pooled) s.Ho = s.H / 2, s.Wo = s.W / 2;
+  TORCH_CHECK(s.C * s.Ho * s.Wo <= limit, op, ": x: at most 2**32 output elements per block and row");
+  return s;
+}
+
+EpilogueSizes check_conv_epilogue_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y,
+                                           const at::Tensor& argmax, double p, bool pooled, int64_t height,
+                                           int64_t width) {
+  TORCH_CHECK(y.dim() == 4, op, ": y: expected [B, K, Ho, Wo], got shape ", y.sizes());
+  check_activation_dtype(op, "y", y);
+  TORCH_CHECK(grad_y.sizes() == y.sizes() && grad_y.scalar_type() == y.scalar_type() && grad_y.device() == y.device(),
+              op, ": grad_y: expected y's shape ", y.sizes(), ", dtype and device, got ", grad_y.sizes());
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": p: expected a drop probability in [0, 1], got ", p);
+  EpilogueSizes s{y.size(0), y.size(1), height, width, y.size(2), y.size(3), y.size(1)};
+  if (pooled) {
+    TORCH_CHECK(height / 2 == s.Ho && width / 2 == s.Wo, op, ": height, width: expected the input size of a ",
+                s.Ho, "x", s.Wo, " pooled output, got ", height, "x", width);
+    TORCH_CHECK(argmax.sizes() == y.sizes() && argmax.strides() == y.strides() && argmax.scalar_type() == at::kByte &&
+                    argmax.device() == y.device(),
+                op, ": argmax: expected a uint8 tensor shaped and strided like y");
+  } else {
+    TORCH_CHECK(height == s.Ho && width == s.Wo, op, ": height, width: expected y's size without pooling");
+  }
+  return s;
+}
+
+at::Tensor epilogue_output(const at::Tensor& x, const EpilogueSizes& s, bool contiguous_output, at::ScalarType dtype) {
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto format = channels_last && !contiguous_output ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return at::empty({s.B, s.K, s.Ho, s.Wo}, x.options().dtype(dtype).memory_format(format));
+}
+
+at::Tensor epilogue_grad_input(const at::Tensor& y, const EpilogueSizes& s, bool pooled, bool channels_last) {
+  const auto options = y.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const bool uncovered = pooled && (s.H % 2 || s.W % 2);  // the last row or column no window reaches
+  return uncovered ? at::zeros({s.B, s.K, s.H, s.W}, options) : at::empty({s.B, s.K, s.H, s.W}, options);
+}
+
 BlockSizes check_noised_latents(const char* op, const at::Tensor& W, const at::Tensor& y, const at::Tensor& a,
                                 const at::Tensor& b, const at::Tensor& seed) {
   const auto device = W.device();
@@ -509,6 +564,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {glogits, gW, gz, gp, gq, gr};
 }
 
+// ---------------------------------------------------------------------------------- conv_epilogue
+
+// Strides of a [B, K, H, W] tensor, in elements.
+struct Strides4 {
+  int64_t b, k, h, w;
+  explicit Strides4(const at::Tensor& t) : b(t.stride(0)), k(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+};
+
+// One output pixel (b, ho, wo) of every channel: window max, dropout, store. Channels run innermost
+// and block by block, so consecutive channels share Philox draws (four elements per draw).
+NOPROP_CPU_DISPATCH
+void epilogue_pixel(const float* x, const Strides4& xs, float* y, uint8_t* argmax, const Strides4& ys,
+                    const EpilogueSizes& s, int64_t b, int64_t ho, int64_t wo, bool pooled, float p, float scale,
+                    PhiloxKey key, uint32_t row, uint32_t block_offset, uint32_t stream) {
+  const int64_t step = pooled ? 2 : 1;
+  const float* x_pixel = x + b * xs.b + ho * step * xs.h + wo * step * xs.w;
+  const int64_t y_pixel = b * ys.b + ho * ys.h + wo * ys.w;
+  const uint32_t first_element = static_cast<uint32_t>((ho * s.Wo + wo) * s.C);
+  for (int64_t j = 0; j < s.K / s.C; ++j) {
+    PhiloxBlock draw{};
+    int64_t drawn_group = -1;
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t channel = j * s.C + c;
+      const WindowMax m = pooled ? window_max(x_pixel + channel * xs.k, xs.h, xs.w) : WindowMax{x_pixel[channel * xs.k], 0};
+      bool keep = true;
+      if (p > 0.0f) {
+        const uint32_t element = first_element + static_cast<uint32_t>(c);
+        if (static_cast<int64_t>(element >> 2) != drawn_group) {
+          draw = dropout_draw(key, element, row, block_offset + static_cast<uint32_t>(j), stream);
+          drawn_group = element >> 2;
+        }
+        keep = dropout_keep(draw, element, p);
+      }
+      y[y_pixel + channel * ys.k] = epilogue_value(m.value, keep, scale);
+      if (pooled) argmax[y_pixel + channel * ys.k] = m.index;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_epilogue_forward_cpu(const at::Tensor& x, const at::Tensor& seed, double p,
+                                                             bool pooled, int64_t blocks, int64_t block_offset,
+                                                             int64_t row_offset, int64_t stream,
+                                                             bool contiguous_output) {
+  const EpilogueSizes s = check_conv_epilogue("conv_epilogue_forward", x, seed, p, pooled, blocks, block_offset,
+                                              row_offset, stream);
+  at::Tensor y = epilogue_output(x, s, contiguous_output, x.scalar_type());
+  at::Tensor argmax = pooled ? at::empty_like(y, y.options().dtype(at::kByte)) : at::empty({0}, y.options().dtype(at::kByte));
+  const Strides4 xs(x), ys(y);
+  const PhiloxKey key = key_of(seed);
+  const float pf = static_cast<float>(p), scale = dropout_scale(p);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  uint8_t* ap = pooled ? argmax.data_ptr<uint8_t>() : nullptr;
+  // one task = one output row (b, ho) of every channel
+  at::parallel_for(0, s.B * s.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.Wo * s.K)), [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / s.Ho, ho = task % s.Ho;
+      for (int64_t wo = 0; wo < s.Wo; ++wo)
+        epilogue_pixel(xp, xs, yp, ap, ys, s, b, ho, wo, pooled, pf, scale, key, static_cast<uint32_t>(row_offset + b),
+                       static_cast<uint32_t>(block_offset), static_cast<uint32_t>(stream));
+    }
+  });
+  return {y, argmax};
+}
+
+at::Tensor conv_epilogue_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& argmax, double p,
+                                      bool pooled, int64_t height, int64_t width, bool channels_last) {
+  const EpilogueSizes s = check_conv_epilogue_backward("conv_epilogue_backward", grad_y, y, argmax, p, pooled, height, width);
+  at::Tensor grad_x = epilogue_grad_input(y, s, pooled, channels_last);
+  const Strides4 gys(grad_y), ys(y), gxs(grad_x);
+  const float scale = dropout_scale(p);
+  const float *gy = grad_y.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const uint8_t* ap = pooled ? argmax.data_ptr<uint8_t>() : nullptr;
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, s.B * s.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.Wo * s.K)), [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / s.Ho, ho = task % s.Ho;
+      for (int64_t wo = 0; wo < s.Wo; ++wo) {
+        for (int64_t k = 0; k < s.K; ++k) {
+          const int64_t at_y = b * ys.b + k * ys.k + ho * ys.h + wo * ys.w;
+          const float g = yp[at_y] > 0.0f ? gy[b * gys.b + k * gys.k + ho * gys.h + wo * gys.w] * scale : 0.0f;
+          if (!pooled) {
+            gx[b * gxs.b + k * gxs.k + ho * gxs.h + wo * gxs.w] = g;
+            continue;
+          }
+          float* window = gx + b * gxs.b + k * gxs.k + 2 * ho * gxs.h + 2 * wo * gxs.w;
+          const uint8_t index = ap[at_y];
+          for (int i = 0; i < 4; ++i) window[(i >> 1) * gxs.h + (i & 1) * gxs.w] = i == index ? g : 0.0f;
+        }
+      }
+    }
+  });
+  return grad_x;
+}
+
 // Test hook: the first two Philox words of each counter (int64 in [0, 2**32)), so tests can compare
 // the generator bit for bit with noprop.rng.philox.
 std::tuple<at::Tensor, at::Tensor> philox_words_cpu(const at::Tensor& seed, const at::Tensor& counter) {
@@ -550,6 +700,12 @@ TORCH_LIBRARY(noprop_ext, m) {
       "Tensor seed, bool softmax, bool needs_logits, bool needs_W, bool needs_z, bool needs_p, bool needs_q, "
       "bool needs_r) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("philox_words(Tensor seed, Tensor counter) -> (Tensor, Tensor)");
+  m.def(
+      "conv_epilogue_forward(Tensor x, Tensor seed, float p, bool pooled, int blocks, int block_offset, "
+      "int row_offset, int stream, bool contiguous_output) -> (Tensor, Tensor)");
+  m.def(
+      "conv_epilogue_backward(Tensor grad_y, Tensor y, Tensor argmax, float p, bool pooled, int height, int width, "
+      "bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(noprop_ext, CPU, m) {
@@ -561,6 +717,8 @@ TORCH_LIBRARY_IMPL(noprop_ext, CPU, m) {
   m.impl("latent_update", &latent_update_cpu);
   m.impl("latent_update_backward", &latent_update_backward_cpu);
   m.impl("philox_words", &philox_words_cpu);
+  m.impl("conv_epilogue_forward", &conv_epilogue_forward_cpu);
+  m.impl("conv_epilogue_backward", &conv_epilogue_backward_cpu);
 }
 
 }  // namespace noprop

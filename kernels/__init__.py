@@ -5,6 +5,8 @@
 * :mod:`.latent_update`: :func:`latent_update_forward`, :func:`latent_update_backward`;
 * :mod:`.stacked_linear`: :func:`stacked_linear_forward`, :func:`stacked_linear_backward` (batched
   GEMM of T linear layers, bias fused);
+* :mod:`.conv_epilogue`: :func:`conv_epilogue_forward`, :func:`conv_epilogue_backward` (the tail of a
+  conv stage, ``dropout(relu(maxpool2(x)))``, with the counter-based dropout mask);
 * :mod:`._common`: tile-size heuristics and the tile helpers the kernels share.
 
 Together they implement :class:`noprop.backends.KernelImplementation`, the ``triton`` backend.
@@ -22,6 +24,7 @@ import os
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+from .conv_epilogue import conv_epilogue_backward, conv_epilogue_forward  # noqa: E402
 from .denoising_loss import denoising_loss_backward, denoising_loss_forward  # noqa: E402
 from .latent_update import latent_update_backward, latent_update_forward  # noqa: E402
 from .noised_latents import noised_latents_backward, noised_latents_forward, normal  # noqa: E402
@@ -38,4 +41,6 @@ __all__ = [
     "latent_update_backward",
     "stacked_linear_forward",
     "stacked_linear_backward",
+    "conv_epilogue_forward",
+    "conv_epilogue_backward",
 ]

@@ -293,3 +293,71 @@ def _stacked_linear_grad(ctx, grad_y: Tensor):
 
 
 stacked_linear.register_autograd(_stacked_linear_grad, setup_context=_stacked_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------- conv_epilogue
+
+
+def _epilogue_output(x: Tensor, pooled: bool, contiguous_output: bool) -> tuple[list[int], torch.memory_format]:
+    B, K, H, W = x.shape
+    shape = [B, K, H // 2, W // 2] if pooled else [B, K, H, W]
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last and not contiguous_output else torch.contiguous_format
+    return shape, fmt
+
+
+@torch.library.custom_op("noprop::conv_epilogue", mutates_args=())
+def conv_epilogue(
+    x: Tensor, seed: Tensor, p: float, pooled: bool, blocks: int, block_offset: int, row_offset: int, stream: int,
+    contiguous_output: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y, argmax)`` of ``y = dropout(relu(maxpool2(x)))`` on a kernel backend (see :func:`noprop.ops.conv_epilogue`)."""
+    y, argmax = _backend_module(backend).conv_epilogue_forward(
+        x, seed, p, pooled, blocks, block_offset, row_offset, stream, contiguous_output
+    )
+    return y, argmax
+
+
+@conv_epilogue.register_fake
+def _conv_epilogue_fake(x, seed, p, pooled, blocks, block_offset, row_offset, stream, contiguous_output, backend):
+    shape, fmt = _epilogue_output(x, pooled, contiguous_output)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    argmax = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt) if pooled else x.new_empty((0,), dtype=torch.uint8)
+    return y, argmax
+
+
+@torch.library.custom_op("noprop::conv_epilogue_backward", mutates_args=())
+def conv_epilogue_backward(
+    grad_y: Tensor, y: Tensor, argmax: Tensor, p: float, pooled: bool, height: int, width: int, channels_last: bool,
+    backend: str,
+) -> Tensor:
+    """``grad_x`` of :func:`conv_epilogue` from the saved ``y`` (``y > 0``: kept and positive) and 2-bit argmax."""
+    return _backend_module(backend).conv_epilogue_backward(grad_y, y, argmax, p, pooled, height, width, channels_last)
+
+
+@conv_epilogue_backward.register_fake
+def _conv_epilogue_backward_fake(grad_y, y, argmax, p, pooled, height, width, channels_last, backend):
+    shape = [y.shape[0], y.shape[1], height, width]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+
+
+def _conv_epilogue_setup(ctx, inputs, output) -> None:
+    x, _, p, pooled, *_, backend = inputs
+    y, argmax = output
+    ctx.save_for_backward(y, argmax)
+    ctx.mark_non_differentiable(argmax)
+    ctx.p, ctx.pooled, ctx.backend = p, pooled, backend
+    ctx.height, ctx.width = x.shape[2], x.shape[3]
+    ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _conv_epilogue_grad(ctx, grad_y: Tensor, _grad_argmax: Optional[Tensor]):
+    y, argmax = ctx.saved_tensors
+    grad_x = conv_epilogue_backward(
+        grad_y, y, argmax, ctx.p, ctx.pooled, ctx.height, ctx.width, ctx.channels_last, ctx.backend
+    )
+    return (grad_x,) + (None,) * 9
+
+
+conv_epilogue.register_autograd(_conv_epilogue_grad, setup_context=_conv_epilogue_setup)

@@ -107,3 +107,18 @@ def latent_update_backward(
     """``(glogits [N, C], gW [C, D], gz [N, D], gp, gq, gr [N])`` of :func:`latent_update`; unneeded ones are empty."""
     needs = (needs_logits, needs_W, needs_z, needs_p, needs_q, needs_r)
     return ops().latent_update_backward(grad, logits, W, z, p, q, r, seed, readout == "softmax", *needs)
+
+
+def conv_epilogue_forward(
+    x: Tensor, seed: Tensor, p: float, pooled: bool, blocks: int, block_offset: int, row_offset: int, stream: int,
+    contiguous_output: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(y, argmax)`` of ``y = dropout(relu(maxpool2(x)))`` with the counter-based mask (see :func:`noprop.ops.conv_epilogue`)."""
+    return ops().conv_epilogue_forward(x, seed, p, pooled, blocks, block_offset, row_offset, stream, contiguous_output)
+
+
+def conv_epilogue_backward(
+    grad_y: Tensor, y: Tensor, argmax: Tensor, p: float, pooled: bool, height: int, width: int, channels_last: bool
+) -> Tensor:
+    """``grad_x [B, K, height, width]`` from the saved ``y`` and ``argmax`` (no mask regeneration)."""
+    return ops().conv_epilogue_backward(grad_y, y, argmax, p, pooled, height, width, channels_last)

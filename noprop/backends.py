@@ -25,8 +25,10 @@ A new backend is one module implementing the protocol plus one :func:`register` 
 ``backend="auto"`` (:func:`resolve`): ``NOPROP_BACKEND_<OP>`` (e.g. ``NOPROP_BACKEND_STACKED_LINEAR``)
 and then ``NOPROP_BACKEND`` replace it with a fixed choice (``NOPROP_BACKEND`` only for the ops
 that backend implements). Otherwise a CUDA tensor gets the first backend of :data:`AUTO_ORDER`
-that implements the op and can run the input, anything else the reference; ``stacked_linear``
-is the exception: on CUDA its ``auto`` is measured (:mod:`noprop.autotune`).
+that implements the op and can run the input, anything else the reference; the exceptions:
+``stacked_linear`` on CUDA, whose ``auto`` is measured (:mod:`noprop.autotune`), and the ops of
+:data:`CPU_AUTO_ORDER` (``conv_epilogue``), whose ``auto`` on a CPU tensor takes the extension's host
+loop when it can run the input.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from noprop.validation import check_choice
 
-OPS = ("normal", "noised_latents", "denoising_loss", "latent_update", "stacked_linear")
+OPS = ("normal", "noised_latents", "denoising_loss", "latent_update", "stacked_linear", "conv_epilogue")
 ENV = "NOPROP_BACKEND"  # replaces ``auto`` for every op the named backend implements
 DEPRECATED_NAMES = {"cuda": "extension"}  # old name -> new name, accepted until 0.2 with a warning
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,6 +77,10 @@ class AutogradImplementation(Protocol):
         self, logits: Tensor, W: Tensor, z: Tensor, p: Tensor, q: Tensor, r: Tensor, seed: Tensor, readout: str
     ) -> Tensor: ...
     def stacked_linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor: ...
+    def conv_epilogue(
+        self, x: Tensor, seed: Tensor, p: float, pooled: bool, blocks: int, block_offset: int, row_offset: int,
+        stream: int, contiguous_output: bool,
+    ) -> Tensor: ...
 
 
 class KernelImplementation(Protocol):
@@ -92,7 +98,11 @@ class KernelImplementation(Protocol):
     ``(loss [], row_sq_error [T, B])``; ``denoising_loss_backward`` ``(glogits [T, B, C], gW [C, D])``;
     ``latent_update_forward`` ``z_new [N, D]``; ``latent_update_backward`` ``(glogits [N, C], gW [C, D],
     gz [N, D], gp [N], gq [N], gr [N])``; ``stacked_linear_forward`` ``y [T, B, O]``;
-    ``stacked_linear_backward`` ``(dx [T, B, I], dW [T, I, O], db [T, O])``.
+    ``stacked_linear_backward`` ``(dx [T, B, I], dW [T, I, O], db [T, O])``;
+    ``conv_epilogue_forward`` ``(y [B, K, H', W'], argmax uint8 [B, K, H', W'] (pooled) or empty)`` for
+    ``x [B, K, H, W]`` contiguous or channels-last (``y`` in ``x``'s memory format unless
+    ``contiguous_output``); ``conv_epilogue_backward`` ``grad_x [B, K, H, W]`` in ``x``'s memory format
+    (``channels_last``), from ``grad_y`` of any strides and the saved ``y`` and ``argmax``.
     """
 
     def normal(self, seed: Tensor, shape: tuple[int, ...], offset: int) -> Tensor: ...
@@ -120,6 +130,14 @@ class KernelImplementation(Protocol):
     def stacked_linear_backward(
         self, grad_y: Tensor, x: Tensor, weight: Tensor, needs_input: bool, needs_params: bool
     ) -> tuple[Tensor, Tensor, Tensor]: ...
+    def conv_epilogue_forward(
+        self, x: Tensor, seed: Tensor, p: float, pooled: bool, blocks: int, block_offset: int, row_offset: int,
+        stream: int, contiguous_output: bool,
+    ) -> tuple[Tensor, Tensor]: ...
+    def conv_epilogue_backward(
+        self, grad_y: Tensor, y: Tensor, argmax: Tensor, p: float, pooled: bool, height: int, width: int,
+        channels_last: bool,
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,9 @@ BUILTIN = (
                                      "on CUDA tensors), 'triton', or 'auto' (the faster of the two)"}),
 )
 AUTO_ORDER = ("extension", "triton")  # the fused backends ``auto`` tries on a CUDA tensor, in this order
+# ops whose ``auto`` tries these backends on a CPU tensor before the reference: the conv epilogue's
+# reference draws its dropout mask with int64 tensor arithmetic (tens of times slower than a host loop)
+CPU_AUTO_ORDER = {"conv_epilogue": ("extension",)}
 
 _REGISTRY: dict[str, Backend] = {backend.name: backend for backend in BUILTIN}
 
@@ -375,6 +396,9 @@ def resolve(op: str, backend: str, device: torch.device, dtypes: Sequence[torch.
         backend = _override(op)
         if not backend:
             if device.type != "cuda":
+                for candidate in CPU_AUTO_ORDER.get(op, ()):
+                    if candidate in _REGISTRY and not cannot_run(candidate, op, device, dtypes):
+                        return candidate
                 return "reference"
             if op == "stacked_linear":
                 return "auto"

@@ -30,23 +30,57 @@ dropout 0.2, a 64-dim time embedding. ``BlockConfig.scaled(w)`` multiplies every
 ``w`` (the learning tests use 0.25); the time embedding stays 64-dim. One DT block on MNIST with
 the one-hot embedding has 2,001,290 parameters, as in the paper.
 
-Implementation note: each conv stage runs ``maxpool`` before ``ReLU``. The two commute exactly
-(ReLU is monotone, so ``max(relu(a)) == relu(max(a))``, gradients included), and ReLU on the
-pooled map does a quarter of the work.
+Implementation note: each conv stage's tail, ``dropout(relu(maxpool2(conv)))``, is one fused op
+(:func:`noprop.ops.conv_epilogue`; ``maxpool`` runs before ``ReLU``, which commute exactly because
+ReLU is monotone). Its dropout mask is counter-based: a pure function of a :class:`DropoutKey`
+(the seed and the global index of the batch's first row), the block's index (``block_index``),
+the dropout site (conv stage, image or label path) and the element. So a block draws the same mask
+alone, inside :class:`noprop.stack.BlockStack`, in a chunk of blocks or on another rank. Without a
+key, a block in training mode draws a fresh seed from torch's generator for each forward.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from noprop import ops, rng
 from noprop.validation import check_number, check_positive_int
 
 POOLED_STAGES = (True, False, True)  # which of the three conv stages end in a 2x2 max-pool
+IMAGE_STREAMS = 0  # dropout sites 0, 1, 2: the image path's conv stages
+LABEL_STREAMS = len(POOLED_STAGES)  # 3, 4, 5: a prototype label path's conv stages
+
+
+class DropoutKey(NamedTuple):
+    """What a training forward's dropout masks are drawn from (besides block, site and element).
+
+    Attributes:
+        seed: int64 tensor with one element (on the data's device).
+        row_offset: global index of the batch's first row (data-parallel shards of one batch pass
+            their offset, so each row keeps the mask it has in the whole batch).
+    """
+
+    seed: torch.Tensor
+    row_offset: int = 0
+
+
+def draw_dropout_key(device: torch.device) -> DropoutKey:
+    """A fresh :class:`DropoutKey` with a seed drawn on ``device`` from torch's generator (no host sync)."""
+    return DropoutKey(torch.randint(0, rng.SEED_LIMIT // 2, (1,), device=device, dtype=torch.int64))
+
+
+def active_dropout_key(key: DropoutKey | None, training: bool, p: float, device: torch.device) -> DropoutKey | None:
+    """The key a forward draws its masks from: None without dropout (eval mode or ``p = 0``), else
+    ``key`` or, when None, a fresh one (:func:`draw_dropout_key`)."""
+    if not training or p == 0:
+        return None
+    return key if key is not None else draw_dropout_key(device)
 
 
 @dataclass(frozen=True)
@@ -100,13 +134,36 @@ def flat_features(config: BlockConfig, image_size: int) -> int:
     return config.conv_channels[-1] * feature_map_size(image_size) ** 2
 
 
-def conv_stage_tail(conv_output: torch.Tensor, pooled: bool, dropout: float, training: bool) -> torch.Tensor:
-    """The tail of a conv stage: ``dropout(relu(maxpool2(conv_output)))``, or ``dropout(relu(conv_output))``.
+def conv_stage_tail(
+    conv_output: torch.Tensor,
+    stage: int,
+    p: float,
+    key: DropoutKey | None,
+    *,
+    first_block: int = 0,
+    blocks: int = 1,
+    first_stream: int = IMAGE_STREAMS,
+    contiguous_output: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The tail of conv stage ``stage``: ``dropout(relu(maxpool2(conv_output)))`` (no pool in the middle stage).
 
-    ``conv_output [B, channels, H, W] -> [B, channels, H // 2, W // 2]`` (pooled) or the same shape.
+    ``conv_output [B, blocks * channels, H, W] -> [B, blocks * channels, H // 2, W // 2]`` (pooled) or
+    the same shape, through :func:`noprop.ops.conv_epilogue`: blocks ``first_block ..`` side by side,
+    dropout site ``first_stream + stage``, no dropout when ``key`` is None.
     """
-    h = F.max_pool2d(conv_output, 2) if pooled else conv_output
-    return F.dropout(F.relu(h), dropout, training)
+    return ops.conv_epilogue(
+        conv_output,
+        pooled=POOLED_STAGES[stage],
+        p=p if key is not None else 0.0,
+        seed=key.seed if key is not None else None,
+        blocks=blocks,
+        block_offset=first_block,
+        row_offset=key.row_offset if key is not None else 0,
+        stream=first_stream + stage,
+        contiguous_output=contiguous_output,
+        backend=backend,
+    )
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -124,10 +181,14 @@ class ConvPath(nn.Module):
     """Three conv stages, flatten, ``FC(hidden)``, then BN (DT) or ReLU (CT/FM).
 
     ``x [B, C_in, H, W] -> [B, hidden]``. The image path of every block, and the label path of
-    a block with the prototype embedding (applied to ``z`` reshaped to an image).
+    a block with the prototype embedding (applied to ``z`` reshaped to an image). ``first_stream``
+    numbers its dropout sites (:data:`IMAGE_STREAMS` or :data:`LABEL_STREAMS`); ``backend`` runs
+    the conv epilogues (a model sets it to its own, :func:`noprop.stacked_layers.set_backend`).
     """
 
-    def __init__(self, in_channels: int, image_size: int, config: BlockConfig, batch_norm: bool):
+    FUSED_OP = "conv_epilogue"
+
+    def __init__(self, in_channels: int, image_size: int, config: BlockConfig, batch_norm: bool, first_stream: int = IMAGE_STREAMS):
         super().__init__()
         c1, c2, c3 = config.conv_channels
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
@@ -136,10 +197,16 @@ class ConvPath(nn.Module):
         self.fc = nn.Linear(flat_features(config, image_size), config.hidden)
         self.bn = nn.BatchNorm1d(config.hidden) if batch_norm else None
         self.dropout = config.dropout
+        self.first_stream = first_stream
+        self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, pooled in zip((self.conv1, self.conv2, self.conv3), POOLED_STAGES):
-            x = conv_stage_tail(conv(x), pooled, self.dropout, self.training)
+    def forward(self, x: torch.Tensor, dropout_key: DropoutKey | None = None, block_index: int = 0) -> torch.Tensor:
+        """``[B, hidden]``; the masks of block ``block_index`` drawn from ``dropout_key`` (fresh if None, in training)."""
+        key = active_dropout_key(dropout_key, self.training, self.dropout, x.device)
+        for stage, conv in enumerate((self.conv1, self.conv2, self.conv3)):
+            x = conv_stage_tail(
+                conv(x), stage, self.dropout, key, first_block=block_index, first_stream=self.first_stream, backend=self.backend
+            )
         h = self.fc(x.flatten(1))
         return self.bn(h) if self.bn is not None else F.relu(h)
 
@@ -205,6 +272,8 @@ class PaperBlock(nn.Module):
         prototype: the label path is a conv path reading ``z`` as an image (``D = C_in * H * W``).
 
     Subclasses build ``image`` and ``label`` (modules returning ``[B, hidden]``) and the fusion layers.
+    ``block_index`` is the block's place among a model's blocks (0 alone): its dropout masks are
+    those of that block (:class:`DropoutKey`).
     """
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, embed_dim: int, config: BlockConfig, prototype: bool):
@@ -214,11 +283,20 @@ class PaperBlock(nn.Module):
         self.dims = dict(
             num_classes=num_classes, in_channels=in_channels, image_size=image_size, embed_dim=embed_dim, prototype=prototype
         )
+        self.block_index = 0
 
-    def label_features(self, z: torch.Tensor) -> torch.Tensor:
+    def dropout_key(self, key: DropoutKey | None, device: torch.device) -> DropoutKey | None:
+        """The key of one training forward (image and label path share it; see :func:`active_dropout_key`)."""
+        return active_dropout_key(key, self.training, self.config.dropout, device)
+
+    def image_features(self, x: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        """The image path: ``x [B, C_in, H, W] -> [B, hidden]``."""
+        return self.image(x, dropout_key, self.block_index)
+
+    def label_features(self, z: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
         """The label path: ``z [B, D] -> [B, hidden]`` (a prototype ``z`` viewed as a ``C x H x W`` image first)."""
         if self.dims["prototype"]:
-            z = label_image(z, self.dims["in_channels"], self.dims["image_size"])
+            return self.label(label_image(z, self.dims["in_channels"], self.dims["image_size"]), dropout_key, self.block_index)
         return self.label(z)
 
 
@@ -239,15 +317,20 @@ class DTBlock(PaperBlock):
     ):
         super().__init__(num_classes, in_channels, image_size, embed_dim, config, prototype)
         self.image = ConvPath(in_channels, image_size, config, batch_norm=True)
-        self.label = ConvPath(in_channels, image_size, config, batch_norm=True) if prototype else ResidualLabelPath(embed_dim, config.hidden)
+        if prototype:
+            self.label = ConvPath(in_channels, image_size, config, batch_norm=True, first_stream=LABEL_STREAMS)
+        else:
+            self.label = ResidualLabelPath(embed_dim, config.hidden)
         self.fusion = DTFusion(config.hidden, config.fusion, num_classes)
 
-    def head(self, image_features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def head(self, image_features: torch.Tensor, z: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
         """Logits ``[B, num_classes]`` from precomputed image features ``[B, hidden]`` and ``z [B, D]``."""
-        return self.fusion(torch.cat([image_features, self.label_features(z)], dim=-1))
+        return self.fusion(torch.cat([image_features, self.label_features(z, dropout_key)], dim=-1))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.head(self.image(x), z)
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        """Logits ``[B, num_classes]``; dropout masks from ``dropout_key`` (a fresh one if None, in training)."""
+        key = self.dropout_key(dropout_key, x.device)
+        return self.head(self.image_features(x, key), z, key)
 
 
 class TimeBlock(PaperBlock):
@@ -269,7 +352,7 @@ class TimeBlock(PaperBlock):
         hidden, (f1, f2) = config.hidden, config.fusion
         self.image = ConvPath(in_channels, image_size, config, batch_norm=False)
         if prototype:
-            self.label = ConvPath(in_channels, image_size, config, batch_norm=False)
+            self.label = ConvPath(in_channels, image_size, config, batch_norm=False, first_stream=LABEL_STREAMS)
         else:
             self.label = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU())
         self.time = nn.Linear(config.time_dim, hidden)
@@ -277,11 +360,15 @@ class TimeBlock(PaperBlock):
         self.fuse_fc2 = nn.Linear(f1, f2)
         self.out = nn.Linear(f2, num_classes)
 
-    def head(self, image_features: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def head(
+        self, image_features: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dropout_key: DropoutKey | None = None
+    ) -> torch.Tensor:
         """Logits from precomputed image features ``[B, hidden]``, ``z [B, D]`` and times ``t [B]``."""
         time = F.relu(self.time(sinusoidal_time_embedding(t, self.config.time_dim)))
-        h = F.relu(self.fuse_fc1(torch.cat([image_features, self.label_features(z), time], dim=-1)))
+        h = F.relu(self.fuse_fc1(torch.cat([image_features, self.label_features(z, dropout_key), time], dim=-1)))
         return self.out(F.relu(self.fuse_fc2(h)))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.head(self.image(x), z, t)
+    def forward(self, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, *, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        """Logits ``[B, num_classes]``; dropout masks from ``dropout_key`` (a fresh one if None, in training)."""
+        key = self.dropout_key(dropout_key, x.device)
+        return self.head(self.image_features(x, key), z, t, key)

@@ -1,6 +1,6 @@
 """The public fused ops (the functional API); every backend choice goes through :mod:`noprop.backends`.
 
-Four op families cover NoProp's training and inference:
+Five op families cover NoProp's training and inference:
 
 * :func:`noised_latents`: ``z[t, i] = a[t, i] * W[y_i] + b[t, i] * eps[t, i]``;
 * :func:`denoising_loss`: ``sum_{t,i} w[t, i] * ||readout(logits[t, i]) @ W - W[y_i] - c[t, i] eps[t, i]||^2 / B``;
@@ -8,6 +8,8 @@ Four op families cover NoProp's training and inference:
   the back-propagation baseline's recursion, which trains through it);
 * :func:`stacked_linear`: T linear layers in one batched product, ``y[t] = x[t] @ W[t] + b[t]``
   (the fully connected layers of :class:`noprop.stack.BlockStack`);
+* :func:`conv_epilogue`: the tail of a conv stage, ``y = dropout(relu(maxpool2(x)))``, with a
+  counter-based dropout mask (a pure function of seed, block, row and element);
 
 plus :func:`normal`, the noise they all draw (``eps`` is a pure function of the seed and the
 element index, see :mod:`noprop.rng`).
@@ -400,3 +402,88 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     elif chosen == "auto":
         chosen = autotune.choose_stacked_linear(_run_stacked_linear, x, weight, bias)
     return _run_stacked_linear(chosen, x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# conv_epilogue
+
+
+def _check_count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def conv_epilogue(
+    x: torch.Tensor,
+    *,
+    pooled: bool,
+    p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    blocks: int = 1,
+    block_offset: int = 0,
+    row_offset: int = 0,
+    stream: int = 0,
+    contiguous_output: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The tail of a conv stage in one op: ``y = dropout(relu(maxpool2(x)))``, or ``dropout(relu(x))``.
+
+    ``x [B, blocks * C, H, W]`` holds the conv outputs of ``blocks`` blocks side by side (block ``j``'s
+    channels are ``j * C .. (j + 1) * C``; one block: ``blocks = 1``). ``maxpool2`` is the 2x2,
+    stride-2 max-pool (odd ``H``, ``W`` drop their last row, column). The dropout mask is the
+    counter-based one of :func:`noprop.rng.dropout_keep`: element ``(c, h, w)`` of block
+    ``block_offset + j`` for batch row ``row_offset + i`` is kept iff
+    ``uniform(philox(seed, (e >> 2, row, block, stream))[e & 3]) >= p`` with ``e = (h W' + w) C + c``,
+    and a kept value is scaled by ``1 / (1 - p)``. The mask depends on nothing else: a block draws the
+    same one alone, inside a stack, in a chunk of blocks or on another rank, on every backend.
+
+    Backward: ``grad_x`` is ``grad_y / (1 - p)`` routed to each window's argmax where ``y > 0`` (kept
+    and positive), zero elsewhere. The kernel backends save only ``y`` (which the next layer keeps
+    anyway) and, pooled, a one-byte argmax per output element, and never regenerate the mask:
+    ``y > 0`` already says which elements were kept. PyTorch's composition saves the pre-pool input,
+    int64 pool indices, the ReLU output and a mask (``tests/test_conv_epilogue.py`` counts the bytes).
+
+    Args:
+        x: ``[B, K, H, W]`` floating, contiguous or channels-last (anything else is made contiguous).
+        pooled: apply the 2x2 max-pool first (needs ``H, W >= 2``).
+        p: drop probability in ``[0, 1]``; 0 (eval mode) skips the mask.
+        seed: int or int64 tensor with one element; required when ``p > 0``.
+        blocks: the number of blocks whose channels ``x`` holds (``K`` divisible by it).
+        block_offset, row_offset: the global index of the first block and of the first batch row.
+        stream: the dropout site within a block (each conv stage of each path has its own).
+        contiguous_output: return ``y`` in contiguous (NCHW) format even if ``x`` is channels-last.
+        backend: ``"auto"`` (a CUDA tensor: the first fused backend that can run it; a CPU tensor:
+            the extension's host loop where built, else the reference) or a registered backend.
+
+    Returns:
+        ``y [B, K, H // 2, W // 2]`` (pooled) or ``[B, K, H, W]``, in ``x``'s dtype.
+    """
+    x = check_tensor("x", x)
+    check_floating("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected conv outputs [B, K, H, W], got shape {list(x.shape)}")
+    blocks = _check_count("blocks", blocks, 1)
+    if x.shape[1] % blocks:
+        raise ValueError(f"blocks: x has {x.shape[1]} channels, not divisible into {blocks} blocks")
+    if pooled and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"x: a 2x2 max-pool needs H, W >= 2, got {x.shape[2]}x{x.shape[3]}")
+    for name, value in (("block_offset", block_offset), ("row_offset", row_offset), ("stream", stream)):
+        _check_count(name, value, 0)
+    if max(block_offset + blocks, row_offset + x.shape[0], stream + 1) > 2**32:
+        raise ValueError("block_offset, row_offset, stream: block, row and stream indices must stay below 2**32")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p: expected a drop probability in [0, 1], got {p!r}")
+    p = float(p)
+    if p > 0 and seed is None:
+        raise ValueError("seed: required when p > 0 (it selects the dropout mask)")
+    seed_tensor = rng.as_seed_tensor(0 if seed is None else seed, x.device)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    chosen = backends.resolve("conv_epilogue", backend, x.device, (x.dtype,))
+    args = (p, bool(pooled), blocks, block_offset, row_offset, stream, bool(contiguous_output))
+    kernel = _kernels("conv_epilogue", chosen)
+    if kernel is None:
+        return backends.implementation(chosen).conv_epilogue(x, seed_tensor, *args)
+    y, _ = kernel(x, seed_tensor, *args, chosen)
+    return y

@@ -105,3 +105,34 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     Shapes: ``x [T, B, I]``, ``weight [T, I, O]``, ``bias [T, O]``; returns ``y [T, B, O]``.
     """
     return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
+def conv_epilogue(
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    p: float,
+    pooled: bool,
+    blocks: int,
+    block_offset: int,
+    row_offset: int,
+    stream: int,
+    contiguous_output: bool,
+) -> torch.Tensor:
+    """The tail of a conv stage: ``y = dropout(relu(maxpool2(x)))`` (``maxpool2`` only if ``pooled``).
+
+    Shapes: ``x [B, blocks * C, H, W]`` (block ``j``'s channels are ``j * C .. (j + 1) * C``), ``seed [1]``;
+    returns ``y [B, blocks * C, H', W']`` with ``H', W' = H // 2, W // 2`` (pooled) or ``H, W``. A value is
+    kept where :func:`noprop.rng.dropout_keep` says so (rows from ``row_offset``, blocks from
+    ``block_offset``) and scaled by ``1 / (1 - p)``. ``y`` keeps ``x``'s memory format unless
+    ``contiguous_output``.
+    """
+    h = torch.nn.functional.max_pool2d(x, 2) if pooled else x
+    y = torch.relu(h)
+    if p > 0:
+        B, channels, height, width = y.shape
+        keep = rng.dropout_keep(seed, p, (B, blocks, channels // blocks, height, width), row_offset, block_offset, stream)
+        scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+        y = torch.where(keep.reshape(y.shape), y * scale, torch.zeros((), dtype=y.dtype, device=y.device))
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last and not contiguous_output else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)

@@ -14,6 +14,20 @@ standard normal that Triton's ``tl.randn(seed, offset + k)`` returns:
 ``kernels/`` draws it with ``tl.randn`` and ``csrc/noprop_math.h`` with a host-and-device
 function; they agree with this file up to the float rounding of ``log`` and ``cos``.
 
+Dropout masks (:func:`dropout_keep`) use the same generator with all four counter words, so a
+mask is a pure function of ``(seed, row, block, stream, element)`` and is bit-identical on every
+backend (integer words and one float32 comparison, no transcendental function):
+
+* the element ``(c, h, w)`` of block ``t``'s feature map ``[C, H, W]`` for global batch row ``r``
+  has the within-block index ``e = (h * W + w) * C + c`` (channels fastest);
+* Philox runs on the counter ``(e >> 2, r, t, stream)``: one draw serves four consecutive
+  elements, and element ``e`` reads output word ``e & 3``;
+* the element is kept when ``uniform(word) >= p`` (float32), and a kept value is scaled by
+  ``1 / (1 - p)``.
+
+``stream`` tells apart the dropout sites of one block (e.g. the three conv stages of the image
+path and of a prototype label path), so no two sites share a mask.
+
 This implementation favours clarity over speed: it is the oracle and the CPU fallback. All
 integer arithmetic stays inside int64 without overflow (32x32-bit products are split into 16-bit
 halves), so it runs on any device PyTorch supports.
@@ -54,6 +68,31 @@ def _mul_hi_lo(state: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.
     return mul_hi, mul_lo
 
 
+def philox_block(
+    seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = PHILOX_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox 4x32 on the 128-bit counters ``(c0, c1, c2, c3)`` with the key ``(lo32(seed), hi32(seed))``.
+
+    Args:
+        seed: int64 tensor with one element, in ``[0, 2**63)``.
+        c0, c1, c2, c3: int64 tensors (broadcastable to one shape) holding 32-bit words in ``[0, 2**32)``.
+
+    Returns:
+        The four output words, int64 tensors holding values in ``[0, 2**32)``.
+    """
+    seed = seed.reshape(())
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
 def philox(
     seed: torch.Tensor, counter: torch.Tensor, rounds: int = PHILOX_ROUNDS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,20 +106,9 @@ def philox(
         The first two output words ``(i1, i2)``, int64 tensors shaped like ``counter`` holding
         values in ``[0, 2**32)``.
     """
-    seed = seed.reshape(())
-    k0 = seed & _MASK32
-    k1 = (seed >> 32) & _MASK32
-    c0 = counter & _MASK32
-    c1 = (counter >> 32) & _MASK32
-    c2 = torch.zeros_like(counter)
-    c3 = torch.zeros_like(counter)
-    for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(c2, PHILOX_ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + PHILOX_KEY_B) & _MASK32
-    return c0, c1
+    zero = torch.zeros_like(counter)
+    i1, i2, _, _ = philox_block(seed, counter & _MASK32, (counter >> 32) & _MASK32, zero, zero, rounds)
+    return i1, i2
 
 
 def uint32_to_uniform(word: torch.Tensor) -> torch.Tensor:
@@ -158,3 +186,45 @@ def normal(
     counter = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     word1, word2 = philox(seed_tensor, counter)
     return box_muller(uint32_to_uniform(word1), uint32_to_uniform(word2)).reshape(shape)
+
+
+DROPOUT_ELEMENT_LIMIT = 2**32  # within-block elements per row: (e >> 2) must fit Philox's 32-bit counter word
+
+
+def dropout_keep(
+    seed: torch.Tensor,
+    p: float,
+    shape: Sequence[int],
+    row_offset: int = 0,
+    block_offset: int = 0,
+    stream: int = 0,
+) -> torch.Tensor:
+    """The dropout keep mask of the contract (see the module docstring) for a batch of feature maps.
+
+    Args:
+        seed: int64 tensor with one element (the mask lives on its device).
+        p: drop probability in ``[0, 1]``.
+        shape: ``(rows, blocks, C, H, W)``: the mask of global rows ``row_offset ..`` and blocks
+            ``block_offset ..``.
+        row_offset, block_offset: global index of the first row and of the first block.
+        stream: the dropout site within the block.
+
+    Returns:
+        bool ``[rows, blocks, C, H, W]``: ``uniform(philox(seed, (e >> 2, r, t, stream))[e & 3]) >= p``
+        with ``e = (h * W + w) * C + c``.
+    """
+    rows, blocks, channels, height, width = (int(s) for s in shape)
+    if channels * height * width > DROPOUT_ELEMENT_LIMIT:
+        raise ValueError(f"shape: at most 2**32 elements per block and row, got {channels}x{height}x{width}")
+    device = seed.device
+    seed = as_seed_tensor(seed, device)
+    c = torch.arange(channels, device=device).view(1, 1, channels, 1, 1)
+    h = torch.arange(height, device=device).view(1, 1, 1, height, 1)
+    w = torch.arange(width, device=device).view(1, 1, 1, 1, width)
+    element = (h * width + w) * channels + c
+    row = torch.arange(row_offset, row_offset + rows, device=device).view(rows, 1, 1, 1, 1)
+    block = torch.arange(block_offset, block_offset + blocks, device=device).view(1, blocks, 1, 1, 1)
+    words = philox_block(seed, element >> 2, row, block, torch.full((), stream, dtype=torch.int64, device=device))
+    lane = element & 3
+    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    return uint32_to_uniform(word) >= torch.tensor(p, dtype=torch.float32, device=device)

@@ -8,7 +8,10 @@ them as one network whose every layer covers all blocks at once:
   ``z`` as an image), are grouped (``groups = T``), in ``channels_last`` memory format;
 * fully connected layers are batched matrix products over a leading T dimension;
 * BatchNorm of every block is one BatchNorm over ``T * features`` channels;
-* dropout masks are drawn per element, so independently for every block.
+* every conv stage's tail is one :func:`noprop.ops.conv_epilogue` over all blocks' channels, whose
+  counter-based dropout masks are keyed by the global block index: block t draws the mask it
+  draws alone (:class:`noprop.blocks.DropoutKey`), so training is the same, dropout on, as T
+  independent blocks.
 
 Summing the blocks' losses and calling backward once gives every block exactly the gradient it
 would get alone (the parameters are disjoint), and the number of kernels per step does not grow
@@ -34,9 +37,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from noprop.blocks import (
+    IMAGE_STREAMS,
+    LABEL_STREAMS,
     POOLED_STAGES,
     BlockConfig,
+    DropoutKey,
     DTBlock,
+    active_dropout_key,
     check_block_arguments,
     conv_stage_tail,
     flat_features,
@@ -83,8 +90,12 @@ class StackedConvPath(nn.Module):
 
     ``shared_input``: every block reads the same images ``x [B, C_in, H, W]`` (the image path).
     Otherwise block ``j`` reads its own ``x[j]`` from ``[k, B, C_in * H * W]`` viewed as images
-    (the prototype label path). Convolutions run in ``channels_last``.
+    (the prototype label path, dropout sites from :data:`noprop.blocks.LABEL_STREAMS`).
+    Convolutions run in ``channels_last``; the last epilogue writes NCHW, so each block's
+    flattened features are a strided view that the stacked FC reads without a copy.
     """
+
+    FUSED_OP = "conv_epilogue"
 
     def __init__(self, T: int, in_channels: int, image_size: int, config: BlockConfig, batch_norm: bool, shared_input: bool):
         super().__init__()
@@ -97,15 +108,22 @@ class StackedConvPath(nn.Module):
         self.fc = StackedLinear(T, flat_features(config, image_size), config.hidden)
         self.bn = StackedBatchNorm(T, config.hidden) if batch_norm else None
         self.dropout = config.dropout
+        self.first_stream = IMAGE_STREAMS if shared_input else LABEL_STREAMS
+        self.backend = "auto"
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, blocks: range, dropout_key: DropoutKey | None = None) -> torch.Tensor:
         k = len(blocks)
         if not self.shared_input:  # [k, B, C*H*W] -> [B, k*C, H, W]: block j's image in channel group j
             x = label_image(x.transpose(0, 1), self.in_channels, self.image_size).flatten(1, 2)
         h = x.contiguous(memory_format=torch.channels_last)
-        for conv, pooled in zip((self.conv1, self.conv2, self.conv3), POOLED_STAGES):
-            h = conv_stage_tail(conv(h, blocks), pooled, self.dropout, self.training)
+        key = active_dropout_key(dropout_key, self.training, self.dropout, x.device)
+        last = len(POOLED_STAGES) - 1
+        for stage, conv in enumerate((self.conv1, self.conv2, self.conv3)):
+            h = conv_stage_tail(
+                conv(h, blocks), stage, self.dropout, key, first_block=blocks.start, blocks=k,
+                first_stream=self.first_stream, contiguous_output=stage == last, backend=self.backend,
+            )
         # [B, k * c3, s, s] -> [k, B, c3 * s * s]: each block's features flattened channel-major, as in ConvPath
         h = self.fc(h.reshape(h.shape[0], k, -1).transpose(0, 1), blocks)
         return self.bn(h, blocks) if self.bn is not None else F.relu(h)
@@ -213,27 +231,34 @@ class BlockStack(nn.Module):
         blocks = [DTBlock(config=self.config, **self.dims).to(device) for _ in range(self.T)]
         for name, leaf in self._leaves():
             leaf.store([block.get_submodule(name) for block in blocks])
-        for block in blocks:
+        for t, block in enumerate(blocks):
             block.train(self.training)
+            block.block_index = t
         return blocks
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _head(self, features: torch.Tensor, z: torch.Tensor, blocks: range) -> torch.Tensor:
-        return self.fusion(torch.cat([features, self.label(z, blocks)], dim=-1), blocks)
+    def _head(self, features: torch.Tensor, z: torch.Tensor, blocks: range, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        label = self.label(z, blocks, dropout_key) if self.dims["prototype"] else self.label(z, blocks)
+        return self.fusion(torch.cat([features, label], dim=-1), blocks)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None, *, dropout_key: DropoutKey | None = None
+    ) -> torch.Tensor:
         """Every block's logits at once: ``logits[j] = block_t(x, z[j])`` for ``t = blocks[j]``.
 
         Args:
             x: images ``[B, C_in, H, W]``, shared by all blocks.
             z: one noised latent per block, ``[k, B, D]`` with ``k = len(blocks)``.
             blocks: a range of consecutive block indices (default all T).
+            dropout_key: the masks' key (training; a fresh one if None): block t's masks are those
+                ``DTBlock`` number t draws from the same key.
         Returns:
             ``[k, B, num_classes]``.
         """
         blocks = check_block_inputs(blocks, self.T, z)
-        return self._head(self.image(x, blocks), z, blocks)
+        key = active_dropout_key(dropout_key, self.training, self.config.dropout, x.device)
+        return self._head(self.image(x, blocks, key), z, blocks, key)
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Every block's image features, for inference: ``[T, B, hidden]`` from ``x [B, C_in, H, W]``."""
@@ -264,6 +289,9 @@ class BlockList(nn.Module):
         if not blocks:
             raise ValueError("blocks: expected at least one DTBlock")
         self.blocks = nn.ModuleList(blocks)
+        for t, block in enumerate(blocks):
+            if isinstance(block, DTBlock):
+                block.block_index = t  # its dropout masks are those of block t
 
     @classmethod
     def build(
@@ -278,10 +306,19 @@ class BlockList(nn.Module):
         """Number of blocks."""
         return len(self.blocks)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None) -> torch.Tensor:
-        """:meth:`BlockStack.forward`'s contract (``[k, B, num_classes]``), one block after another."""
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor, blocks: range | None = None, *, dropout_key: DropoutKey | None = None
+    ) -> torch.Tensor:
+        """:meth:`BlockStack.forward`'s contract (``[k, B, num_classes]``), one block after another.
+
+        The paper's blocks get one ``dropout_key`` for the whole call (drawn once if None); a user's
+        blocks draw their own randomness.
+        """
         blocks = check_block_inputs(blocks, self.T, z)
-        return torch.stack([self.blocks[t](x, z[j]) for j, t in enumerate(blocks)])
+        if not isinstance(self.blocks[0], DTBlock):
+            return torch.stack([self.blocks[t](x, z[j]) for j, t in enumerate(blocks)])
+        key = active_dropout_key(dropout_key, self.training, self.blocks[0].config.dropout, x.device)
+        return torch.stack([self.blocks[t](x, z[j], dropout_key=key) for j, t in enumerate(blocks)])
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Every block's image features, for inference: ``[T, B, hidden]`` from ``x [B, C_in, H, W]``."""

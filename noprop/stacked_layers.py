@@ -32,13 +32,16 @@ def check_backend(backend: str) -> str:
 
 
 def set_backend(module: nn.Module, backend: str) -> None:
-    """Run every :class:`StackedLinear` inside ``module`` on the backend a model set to ``backend`` uses for
-    ``stacked_linear``: ``backend`` itself, or the reference where it has no ``stacked_linear``
-    (:func:`noprop.backends.for_op`)."""
-    chosen = backends.for_op(backend, "stacked_linear")
+    """Run every fused layer inside ``module`` on the backend a model set to ``backend`` uses for its op.
+
+    A fused layer declares its op in the class attribute ``FUSED_OP`` (:class:`StackedLinear`:
+    ``stacked_linear``; the conv paths: ``conv_epilogue``) and reads its attribute ``backend``; it
+    gets ``backend`` itself, or the reference where that backend lacks the op (:func:`noprop.backends.for_op`).
+    """
     for layer in module.modules():
-        if isinstance(layer, StackedLinear):
-            layer.backend = chosen
+        op = getattr(type(layer), "FUSED_OP", None)
+        if op is not None:
+            layer.backend = backends.for_op(backend, op)
 
 
 class StackedLinear(nn.Module):
@@ -49,6 +52,8 @@ class StackedLinear(nn.Module):
     backend in the attribute ``backend`` (``"auto"`` or a backend that has the op; not part of the
     state dict). A model sets it to its own backend (:func:`set_backend`).
     """
+
+    FUSED_OP = "stacked_linear"
 
     def __init__(self, T: int, in_features: int, out_features: int, backend: str = "auto"):
         super().__init__()

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 
 from noprop.models import NoPropModel
+from noprop.models.base import StepSeeds
+from noprop.models.dt import NoPropDT
 from noprop.objectives import LossTerms
 from noprop.validation import check_positive_int
 
@@ -113,10 +115,12 @@ class TrainStep:
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def _loss_terms(self, x: torch.Tensor, y: torch.Tensor, blocks: range | None, shared_terms: bool) -> LossTerms:
-        if blocks is None and shared_terms:
+    def _loss_terms(
+        self, x: torch.Tensor, y: torch.Tensor, blocks: range | None, shared_terms: bool, seeds: StepSeeds | None
+    ) -> LossTerms:
+        if seeds is None:
             return self.model.loss_terms(x, y)
-        return self.model.loss_terms(x, y, blocks, shared_terms=shared_terms)
+        return self.model.loss_terms(x, y, blocks, shared_terms=shared_terms, seeds=seeds)
 
     def _chunks(self, blocks: range | None) -> list[tuple[range | None, bool]]:
         if self.block_chunk is None:
@@ -125,12 +129,17 @@ class TrainStep:
         return [(range(start, min(start + self.block_chunk, T)), start == 0) for start in range(0, T, self.block_chunk)]
 
     def _chunked_loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, blocks: range | None) -> LossTerms:
-        """Forward and backward of every chunk; returns the summed loss and the concatenated parts."""
+        """Forward and backward of every chunk; returns the summed loss and the concatenated parts.
+
+        NoProp-DT draws the step's seeds once, so every chunk trains its blocks on the noise and
+        dropout masks they would get in one pass.
+        """
         total = None
         parts: dict[str, torch.Tensor] = {}
         loss_fn = self._compiled_loss if self._compiled else self._loss_terms
+        seeds = self.model.draw_step_seeds(x.device) if isinstance(self.model, NoPropDT) else None
         for chunk, shared in self._chunks(blocks):
-            terms = loss_fn(x, y, chunk, shared)
+            terms = loss_fn(x, y, chunk, shared, seeds)
             terms.total.backward()
             total = terms.total.detach() if total is None else total + terms.total.detach()
             for name, value in terms.parts.items():

@@ -51,16 +51,6 @@ def fused_backend_or_skip(backend: str, device: str = "cpu") -> str:
     return backend
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in every conv path of ``model`` (masks drawn from the global generator differ by layout)."""
-    from noprop.blocks import ConvPath
-    from noprop.stack import StackedConvPath
-
-    for module in model.modules():
-        if isinstance(module, (ConvPath, StackedConvPath)):
-            module.dropout = 0.0
-
-
 @pytest.fixture(scope="session")
 def shared_mnist() -> pathlib.Path:
     """The real MNIST test set (IDX files) beside the checkout; skips if it is missing."""

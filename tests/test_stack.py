@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import disable_dropout
 from noprop import NoPropDT
-from noprop.blocks import BlockConfig, DTBlock
+from noprop.blocks import BlockConfig, DropoutKey, DTBlock
 from noprop.stack import BlockList, BlockStack
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # fp32; the stack sums in a different order than the loop
@@ -24,7 +23,10 @@ def assert_grads_close(actual: DTBlock, expected: DTBlock, label: str) -> None:
     scale = max(p.grad.abs().max().item() for p in expected.parameters())
     for (name, p), g in zip(expected.named_parameters(), actual.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=2e-5 * scale, msg=f"{label} {name}")
-CONFIG = BlockConfig.scaled(0.125, dropout=0.0)  # dropout off: masks cannot match between layouts
+
+
+CONFIG = BlockConfig.scaled(0.125)  # dropout 0.2, on: the counter-based masks match between layouts
+KEY = DropoutKey(torch.tensor([2024]))  # one training forward's dropout key, passed to both layouts
 
 
 def _blocks(T=4, size=28, channels=1, classes=10, dim=10, seed=0, prototype=False):
@@ -51,7 +53,7 @@ def _as_block_grads(stack: BlockStack) -> list[DTBlock]:
 def test_round_trip_is_exact():
     blocks = _blocks()
     for block in blocks:  # non-trivial BatchNorm statistics
-        block(*_inputs(T=1, B=8)[:1], torch.randn(8, 10))
+        block(*_inputs(T=1, B=8)[:1], torch.randn(8, 10), dropout_key=KEY)
     back = BlockStack.from_blocks(blocks).to_blocks()
     for original, restored in zip(blocks, back):
         for (name, a), (_, b) in zip(original.state_dict().items(), restored.state_dict().items()):
@@ -66,9 +68,9 @@ def test_forward_and_gradients_match_a_loop_of_blocks(size, channels, prototype)
     x, z = _inputs(T, B, size, channels, prototype=prototype)
     upstream = torch.randn(T, B, 10, generator=torch.Generator().manual_seed(9))
 
-    looped = BlockList(blocks)(x, z)
+    looped = BlockList(blocks)(x, z, dropout_key=KEY)
     (looped * upstream).sum().backward()
-    stacked = stack(x, z)
+    stacked = stack(x, z, dropout_key=KEY)
     (stacked * upstream).sum().backward()
 
     torch.testing.assert_close(stacked, looped, **TOLERANCE)
@@ -98,8 +100,8 @@ def test_per_block_gradient_clipping_matches():
     loop = BlockList(blocks)
     x, z = _inputs()
     scales = torch.tensor([1.0, 10.0, 100.0, 0.01])[:, None, None]
-    (loop(x, z) * scales).sum().backward()
-    (stack(x, z) * scales).sum().backward()
+    (loop(x, z, dropout_key=KEY) * scales).sum().backward()
+    (stack(x, z, dropout_key=KEY) * scales).sum().backward()
     norms_loop = loop.clip_grad_norm_(1.0)
     norms_stack = stack.clip_grad_norm_(1.0)
     torch.testing.assert_close(norms_stack, norms_loop, **TOLERANCE)
@@ -110,8 +112,20 @@ def test_per_block_gradient_clipping_matches():
         assert_grads_close(grads, block, f"block {t}")
 
 
+def test_a_block_draws_the_same_masks_alone_and_inside_a_stack_of_five():
+    """Block t alone (``block_index = t``) and as block t of a stack of 5: the same training-mode output."""
+    blocks = _blocks(T=5)
+    stack = BlockStack.from_blocks(blocks)
+    x, z = _inputs(T=5)
+    stacked = stack(x, z, dropout_key=KEY)
+    for t, block in enumerate(stack.to_blocks()):
+        alone = block(x, z[t], dropout_key=KEY)
+        torch.testing.assert_close(alone, stacked[t], **TOLERANCE)
+        assert not torch.allclose(alone, block(x, z[t], dropout_key=DropoutKey(torch.tensor([1])))), "dropout is on"
+
+
 def test_training_steps_give_the_same_parameters_both_ways():
-    """Three optimizer steps of NoProp-DT from one initial state and seed: BlockStack vs the loop.
+    """Five optimizer steps of NoProp-DT, dropout on, from one initial state and seed: BlockStack vs the loop.
 
     SGD with momentum and weight decay: Adam's first step is ``lr * sign(g)``, so gradients that
     are zero in exact arithmetic (a bias before BatchNorm) move by ``lr`` in a direction set by
@@ -121,14 +135,13 @@ def test_training_steps_give_the_same_parameters_both_ways():
     stacked = NoPropDT(10, 1, 28, T=3, embedding="learned", width=0.125)
     looped = copy.deepcopy(stacked)
     looped.blocks = BlockList(stacked.blocks.to_blocks())
-    disable_dropout(stacked)
-    disable_dropout(looped)
+    assert stacked.blocks.config.dropout > 0
     models = {"stack": stacked, "loop": looped}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3) for name, m in models.items()}
     g = torch.Generator().manual_seed(4)
-    batches = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    batches = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
     for name, model in models.items():
-        torch.manual_seed(123)  # same noise seeds for both
+        torch.manual_seed(123)  # the same noise and dropout seeds for both
         for x, y in batches:
             optimizers[name].zero_grad()
             model.loss(x, y).backward()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +15,14 @@ from noprop import backends
 from noprop.stacked_layers import set_backend
 from noprop.user_blocks import UserBlock, build_blocks, check_factory, factory_name
 from noprop.validation import check_choice, check_images, check_labels, check_positive_int
+
+
+class StepSeeds(NamedTuple):
+    """The seeds of one training step, drawn once (:meth:`NoPropModel.draw_step_seeds`) and shared by
+    every chunk of blocks and every rank: ``noise`` (the noised latents), ``dropout`` (the masks)."""
+
+    noise: torch.Tensor
+    dropout: torch.Tensor
 
 
 class NoPropModel(nn.Module):
@@ -201,6 +209,10 @@ class NoPropModel(nn.Module):
     def draw_seed(self, device: torch.device) -> torch.Tensor:
         """A fresh noise seed for one step: int64 ``[1]`` drawn on ``device`` from torch's RNG (no host sync)."""
         return torch.randint(0, rng.SEED_LIMIT // 2, (1,), device=device, dtype=torch.int64)
+
+    def draw_step_seeds(self, device: torch.device) -> StepSeeds:
+        """The noise and dropout seeds of one training step (two draws from torch's RNG, no host sync)."""
+        return StepSeeds(self.draw_seed(device), self.draw_seed(device))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step's full objective (a scalar to call ``backward`` on)."""

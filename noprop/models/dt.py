@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from noprop import ops
-from noprop.models.base import NoPropModel
+from noprop.blocks import DropoutKey
+from noprop.models.base import NoPropModel, StepSeeds
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import CosineSchedule
 from noprop.stack import BlockList, BlockStack, check_block_range
@@ -16,6 +17,17 @@ from noprop.user_blocks import FuncBlockStack
 from noprop.validation import check_choice, check_number, check_positive_int
 
 SCHEDULES = ("batched", "paper")
+
+
+class BatchRows(NamedTuple):
+    """Where a batch sits in a larger one: rows ``offset .. offset + B`` of a batch of ``total`` rows.
+
+    A data-parallel rank passes it so that its rows get the noise and dropout masks they get in
+    the whole batch.
+    """
+
+    offset: int
+    total: int
 
 
 class NoPropDT(NoPropModel):
@@ -106,43 +118,55 @@ class NoPropDT(NoPropModel):
     def config(self) -> dict:
         return {**super().config(), "T": self.T, "eta": self.eta, "schedule": self.schedule}
 
-    def noised_inputs(
-        self, y: torch.Tensor, seed: int | torch.Tensor, blocks: range | None = None, classifier_latent: bool = True
-    ) -> torch.Tensor:
-        """The training latents ``[k (+ 1), B, D]``: ``z_{t-1}`` for each block ``t - 1`` in ``blocks``, then ``z_T``.
+    def noised_inputs(self, y: torch.Tensor, seed: int | torch.Tensor, rows: BatchRows | None = None) -> torch.Tensor:
+        """The training latents of every block and the classifier: ``z [T + 1, B, D]``.
 
-        ``z[j] = sqrt(abar) u_y + sqrt(1 - abar) eps`` with ``eps = normal(seed, (rows, B, D))``; the
-        last row ``z_T ~ q(z_T | y)`` feeds the classifier and is left out without ``classifier_latent``.
+        ``z[t] = sqrt(abar_t) u_y + sqrt(1 - abar_t) eps[t]`` for ``t = 0..T`` (``z[t]`` feeds block
+        ``t``, ``z[T] ~ q(z_T | y)`` the classifier) with ``eps = normal(seed, (T + 1, B, D))``, or with
+        ``rows`` the rows ``offset .. offset + B`` of ``normal(seed, (T + 1, total, D))``. Every block's
+        noise is its row of the whole, so it does not depend on which blocks a step trains.
         """
-        blocks = check_block_range(blocks, self.T)
-        if classifier_latent and blocks.stop == self.T:  # one contiguous slice of abar_0..abar_T
-            signal, noise = self.signal[blocks.start :], self.noise[blocks.start :]
-        else:
-            rows = slice(blocks.start, blocks.stop)
-            tail = slice(self.T, self.T + 1 if classifier_latent else self.T)
-            signal = torch.cat([self.signal[rows], self.signal[tail]])
-            noise = torch.cat([self.noise[rows], self.noise[tail]])
-        return ops.noised_latents(self.embedding.weight, y, signal, noise, seed, backend=self.backend)
+        W = self.embedding.weight
+        if rows is None:
+            return ops.noised_latents(W, y, self.signal, self.noise, seed, backend=self.backend)
+        if rows.offset < 0 or rows.offset + y.shape[0] > rows.total:
+            raise ValueError(f"rows: {y.shape[0]} rows from {rows.offset} do not fit a batch of {rows.total}")
+        eps = ops.normal(seed, (self.T + 1, rows.total, W.shape[1]), backend=self.backend)[:, rows.offset : rows.offset + y.shape[0]]
+        return self.signal[:, None, None] * W[y] + self.noise[:, None, None] * eps.to(W.dtype)
 
     def loss_terms(
-        self, x: torch.Tensor, y: torch.Tensor, blocks: range | None = None, shared_terms: bool = True
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        blocks: range | None = None,
+        shared_terms: bool = True,
+        seeds: StepSeeds | None = None,
+        rows: BatchRows | None = None,
     ) -> LossTerms:
         """The objective of the blocks in ``blocks`` (default all), plus the CE and KL terms.
 
         Args:
             x, y: images ``[B, C_in, H, W]`` and labels ``[B]``.
             blocks: the blocks to train (a range of block indices), e.g. one block in the paper
-                schedule or a chunk of blocks with ``block_chunk``.
+                schedule, a chunk of blocks with ``block_chunk``, or a rank's share.
             shared_terms: include the classifier's CE and the KL term (once per training step).
+            seeds: the step's noise and dropout seeds (drawn if None). For given seeds, block t's
+                noise and dropout masks do not depend on ``blocks``: chunked, sharded and whole
+                steps compute the same numbers.
+            rows: x is this part of a larger batch (data parallelism): its rows get the noise and
+                masks they get in the whole batch.
 
         ``parts["l2"]`` holds each trained block's weighted L2 term (``[k]``).
         """
         x, y = self.check_inputs(x, y)
         self.embedding.check_ready()
         blocks = check_block_range(blocks, self.T)
+        seeds = seeds if seeds is not None else self.draw_step_seeds(x.device)
         W = self.embedding.weight
-        z = self.noised_inputs(y, self.draw_seed(x.device), blocks, classifier_latent=shared_terms)
-        logits = self.blocks(x, z[: len(blocks)], blocks)
+        z = self.noised_inputs(y, seeds.noise, rows)
+        paper_blocks = isinstance(self.blocks, BlockStack) or (isinstance(self.blocks, BlockList) and self.block_factory is None)
+        keyword = {"dropout_key": DropoutKey(seeds.dropout, rows.offset if rows else 0)} if paper_blocks else {}
+        logits = self.blocks(x, z[blocks.start : blocks.stop], blocks, **keyword)
         weight = self.l2_weight[blocks.start : blocks.stop]
         l2, row_errors = ops.denoising_loss(logits, W, y, weight, backend=self.backend, return_row_errors=True)
         parts = {"l2": (weight.unsqueeze(1) * row_errors).sum(1) / x.shape[0]}
