@@ -81,6 +81,11 @@ def _fp32_precision_strings() -> tuple[str, str, str] | None:
     return torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
 
 
+def tf32_state() -> tuple:
+    """The TF32 settings now in force, hashable (what a captured CUDA graph baked in: part of its cache key)."""
+    return _legacy_tf32_flags(), _fp32_precision_strings()
+
+
 def _restore_tf32_settings(flags: tuple[bool, bool] | None, strings: tuple[str, str, str] | None) -> None:
     """Put the TF32 settings back through the API the caller used: the flags where they were
     readable (setting the strings instead would make PyTorch refuse to read the flags), else the strings."""

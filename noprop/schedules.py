@@ -169,7 +169,7 @@ class LearnableSchedule(nn.Module):
 
     def gbar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ``gbar(t)`` in ``[0, 1]`` and its derivative ``gbar'(t) > 0``."""
-        ends = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        ends = torch.arange(2, dtype=t.dtype, device=t.device)  # [0, 1], made on the device: no host-to-device copy
         g_ends, _ = self._g_and_slope(ends)
         scale = g_ends[1] - g_ends[0]
         g, slope = self._g_and_slope(t)
