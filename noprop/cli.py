@@ -217,6 +217,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     add("--backend", type=_backend_name, default=defaults.backend, metavar="{" + ",".join(("auto",) + backends.names()) + "}")
     add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
+    _add_precision_argument(parser, defaults.precision, "training and evaluation")
     add("--no-progress", action="store_true", help="no progress lines or bars")
 
 

@@ -112,6 +112,7 @@ class CompareConfig:
     device: str = "auto"
     backend: str = "auto"
     compile: bool = False
+    precision: str = "fp32"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -131,7 +132,7 @@ class CompareConfig:
     def train_config(self, method: str, embedding: str, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of one run (its folder: ``OUT/runs/<method>-<embedding>-seed<k>``)."""
         shared = ("dataset", "data_dir", "epochs", "batch_size", "lr", "weight_decay", "width", "train_limit", "eval_limit",
-                  "device", "backend", "compile", "progress")
+                  "device", "backend", "compile", "precision", "progress")
         options = {name: getattr(self, name) for name in shared}
         options.update({name: getattr(self, name) for name in ("T", "ode_steps", "inference_steps") if method in APPLIES_TO[name]})
         out = pathlib.Path(self.out) / "runs" / run_name(method, embedding, seed)
@@ -309,7 +310,7 @@ def evaluate_run(model: NoPropModel, dataset: ImageDataset, config: TrainConfig,
         for x, y, accuracies in ((train_x, train_y, train_accuracy), (data.test_x, data.test_y, test_accuracy)):
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)
-                accuracies.append(evaluate(model, x, y, **inference_kwargs(config))[0])
+                accuracies.append(evaluate(model, x, y, **inference_kwargs(config), precision=config.precision)[0])
     seconds = [record["train_seconds"] for record in history]
     return {
         "name": pathlib.Path(config.out).name,
@@ -318,7 +319,7 @@ def evaluate_run(model: NoPropModel, dataset: ImageDataset, config: TrainConfig,
         "seed": config.seed,
         "epochs": len(history),
         "inference_seeds": seeds,
-        "inference": inference_kwargs(config),
+        "inference": {**inference_kwargs(config), "precision": config.precision},
         "train_accuracy": train_accuracy,
         "test_accuracy": test_accuracy,
         "train_eval_examples": subset,

@@ -185,8 +185,9 @@ def test_bad_arguments_name_the_argument(tmp_path, overrides, message):
 def test_cli_parses_compare_options():
     args = build_parser().parse_args(
         ["compare", "--methods", "dt,ct", "--embeddings", "learned", "--seeds", "2", "--inference-runs", "4", "--epochs", "3",
-         "--width", "0.5", "--T", "4", "--inference-steps", "7", "--train-limit", "100", "--device", "cpu", "--out", "o", "--no-progress"]
+         "--width", "0.5", "--T", "4", "--inference-steps", "7", "--train-limit", "100", "--device", "cpu", "--out", "o", "--precision", "bf16", "--no-progress"]
     )
+    assert args.precision == "bf16" and build_parser().parse_args(["compare"]).precision == "fp32"
     assert (args.methods, args.embeddings, args.seeds, args.inference_runs, args.epochs, args.width) == ("dt,ct", "learned", 2, 4, 3, 0.5)
     assert (args.T, args.inference_steps, args.train_limit, args.out, args.no_progress) == (4, 7, 100, "o", True)
     defaults = build_parser().parse_args(["compare"])
