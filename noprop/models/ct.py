@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from noprop import ops
+from noprop.models.base import StepSeeds
+from noprop.models.dt import BatchRows
 from noprop.models.ode import TimeConditionedModel
+from noprop.models.rows import dropout_keyword, noised_latents, uniform_times
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import LearnableSchedule, posterior_coefficients
 from noprop.validation import check_number
@@ -117,20 +120,28 @@ class NoPropCT(TimeConditionedModel):
     def config(self) -> dict:
         return {**super().config(), "eta": self.eta}
 
-    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> LossTerms:
-        """The CT objective; ``parts["l2"]`` is the weighted L2 term (``[1]``)."""
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, seeds: StepSeeds | None = None, rows: BatchRows | None = None) -> LossTerms:
+        """The CT objective; ``parts["l2"]`` is the weighted L2 term (``[1]``).
+
+        Args:
+            x, y: images ``[B, C_in, H, W]`` and labels ``[B]``.
+            seeds: the step's noise and dropout seeds (drawn if None, before the times).
+            rows: x is this part of a larger batch (data parallelism): its rows get the times,
+                noise and dropout masks they get in the whole batch (:mod:`noprop.models.rows`).
+        """
         x, y = self.check_inputs(x, y)
         self.embedding.check_ready()
         W = self.embedding.weight
         batch = x.shape[0]
-        t = torch.rand(batch, device=x.device)
+        seeds = seeds if seeds is not None else self.draw_step_seeds(x.device)
+        t = uniform_times(rows, batch, x.device)
         alpha_bar = self.noise_schedule.alpha_bar(torch.cat([t, self.ends]))
         alpha_bar_t, alpha_bar_0, alpha_bar_1 = alpha_bar[:batch], alpha_bar[batch], alpha_bar[batch + 1]
         # row 0: the block's input z_t; row 1: z_1 ~ q(z_1 | y) for the classifier
         signal = torch.stack([alpha_bar_t, alpha_bar_1.expand(batch)]).sqrt()
         noise = (1 - torch.stack([alpha_bar_t, alpha_bar_1.expand(batch)])).sqrt()
-        z = ops.noised_latents(W, y, signal, noise, self.draw_seed(x.device), backend=self.backend)
-        logits = self.block(x, z[0], t).unsqueeze(0)
+        z = noised_latents(W, y, signal, noise, seeds.noise, rows, self.backend)
+        logits = self.block(x, z[0], t, **dropout_keyword(self.block, seeds, rows)).unsqueeze(0)
         weight = (self.eta / 2 * self.noise_schedule.snr_derivative(t)).unsqueeze(0)
         l2 = ops.denoising_loss(logits, W, y, weight, backend=self.backend)
         ce = cross_entropy(self.classifier(z[1]), y)

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from noprop import ops
+from noprop.models.base import StepSeeds
+from noprop.models.dt import BatchRows
 from noprop.models.ode import TimeConditionedModel
+from noprop.models.rows import dropout_keyword, row_noise, uniform_times
 from noprop.objectives import LossTerms, cross_entropy, nearest_embedding_logits
 
 
@@ -47,21 +50,35 @@ class NoPropFM(TimeConditionedModel):
             self.classifier = nn.Linear(self.embed_dim, num_classes)  # theta_out of the anchor term
             self.reset_classifier()
 
-    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> LossTerms:
-        """The FM objective; ``parts["l2"]`` is the velocity loss (``[1]``)."""
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, seeds: StepSeeds | None = None, rows: BatchRows | None = None) -> LossTerms:
+        """The FM objective; ``parts["l2"]`` is the velocity loss (``[1]``).
+
+        Args:
+            x, y: images ``[B, C_in, H, W]`` and labels ``[B]``.
+            seeds: the step's noise and dropout seeds (drawn if None, before the times).
+            rows: x is this part of a larger batch (data parallelism): its rows get the times,
+                noise and dropout masks they get in the whole batch (:mod:`noprop.models.rows`).
+        """
         x, y = self.check_inputs(x, y)
         self.embedding.check_ready()
         W = self.embedding.weight
         batch = x.shape[0]
-        t = torch.rand(batch, device=x.device)
-        seed = self.draw_seed(x.device)
-        # eps of noised_latents is z_0; the loss's target W[y] - eps reuses it through the seed
-        z_t = ops.noised_latents(W, y, t.unsqueeze(0), (1 - t).unsqueeze(0), seed, backend=self.backend)[0]
-        logits = self.block(x, z_t, t)
+        seeds = seeds if seeds is not None else self.draw_step_seeds(x.device)
+        t = uniform_times(rows, batch, x.device)
+        logits_of = lambda z_t: self.block(x, z_t, t, **dropout_keyword(self.block, seeds, rows))  # noqa: E731
         ones = torch.ones(1, device=x.device)
-        l2 = ops.denoising_loss(
-            logits.unsqueeze(0), W, y, ones, readout="linear", noise_coef=-ones, seed=seed, backend=self.backend
-        )
+        if rows is None:
+            # eps of noised_latents is z_0; the loss's target W[y] - eps reuses it through the seed
+            z_t = ops.noised_latents(W, y, t.unsqueeze(0), (1 - t).unsqueeze(0), seeds.noise, backend=self.backend)[0]
+            logits = logits_of(z_t)
+            l2 = ops.denoising_loss(
+                logits.unsqueeze(0), W, y, ones, readout="linear", noise_coef=-ones, seed=seeds.noise, backend=self.backend
+            )
+        else:  # the whole batch's z_0 rows: the same terms, the noise passed explicitly
+            z_0 = row_noise(seeds.noise, 1, rows, batch, W.shape[1], self.backend)[0].to(W.dtype)
+            z_t = t.unsqueeze(1) * W[y] + (1 - t).unsqueeze(1) * z_0
+            logits = logits_of(z_t)
+            l2 = (logits.float() @ W - (W[y] - z_0)).square().sum() / batch
         parts = {"l2": l2.detach().reshape(1)}
         total = l2
         if self.embedding.learnable:
