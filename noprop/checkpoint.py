@@ -170,7 +170,9 @@ def _fsync_directory(folder: pathlib.Path) -> None:
 
 
 def load(path: str | os.PathLike) -> dict:
-    """Read and verify a checkpoint written by :func:`save_atomic` (onto the CPU).
+    """Read and verify a checkpoint (onto the CPU): a file written by :func:`save_atomic`, or the
+    folder of a parallel run's sharded checkpoint (:func:`noprop.distributed.checkpoint.load`, which
+    returns the same dict: the whole model's state dict, the optimizer's, and the run's records).
 
     Verified: the file loads with ``torch.load(weights_only=True)``, has the noprop format and
     version, its payload matches the SHA-256 written with it, the payload holds the keys of a
@@ -179,6 +181,18 @@ def load(path: str | os.PathLike) -> dict:
     Raises:
         ValueError: ``checkpoint: PATH ...`` saying what is wrong, for anything else.
     """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        from noprop.distributed.checkpoint import MANIFEST, load as load_sharded
+
+        if not (path / MANIFEST).is_file():
+            raise ValueError(f"checkpoint: {path} is a folder without a sharded checkpoint's {MANIFEST}")
+        return load_sharded(path)
+    return read(path, REQUIRED)
+
+
+def read(path: str | os.PathLike, required: dict[str, type]) -> dict:
+    """:func:`load` of one file written by :func:`save_atomic`, whose payload must hold the keys of ``required`` (key: type)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint: {path} does not exist")
@@ -204,15 +218,20 @@ def load(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint: {path} is damaged (its payload does not load: {_describe(error)})") from None
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint: {path} holds a {type(payload).__name__}, not a checkpoint dict")
-    for key, kind in REQUIRED.items():
+    for key, kind in required.items():
         if not isinstance(payload.get(key), kind) or (kind is int and isinstance(payload.get(key), bool)):
             raise ValueError(f"checkpoint: {path} is not a noprop training checkpoint ({key!r}: expected a {kind.__name__})")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["model"].items()):
+    if "model" in required and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["model"].items()):
         raise ValueError(f"checkpoint: {path}: 'model' is not a state dict of named tensors")
+    check_finite(payload, path)
+    return payload
+
+
+def check_finite(payload: dict, path: str | os.PathLike) -> None:
+    """Raise ``ValueError('checkpoint: PATH: tensor NAME holds NaN or Inf values ...')`` for the first non-finite floating tensor."""
     bad = _first_nonfinite(payload, "")
     if bad:
         raise ValueError(f"checkpoint: {path}: tensor {bad} holds NaN or Inf values; refusing to load it")
-    return payload
 
 
 def capture_rng(loader_generator: torch.Generator) -> dict:

@@ -33,7 +33,12 @@ APPLIES_TO = {  # option: the methods it means something to (elsewhere it is ref
 # options a resumed run may change; every other one must match the checkpoint's run
 RESUME_MAY_CHANGE = (
     "epochs", "out", "progress", "device", "resume", "data_dir", "overwrite", "backend", "compile", "block_chunk", "precision",
+    "parallel", "dist_backend", "dist_timeout",
 )
+# how a run is launched, not what it trains: a resumed run takes them from its own launch (default: one process)
+LAUNCH_OPTIONS = ("parallel", "dist_backend", "dist_timeout")
+PARALLEL_MODES = ("none", "blocks", "data")  # noprop.distributed: the T blocks over ranks, or the rows of every batch
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class InapplicableOptionWarning(UserWarning):
@@ -63,6 +68,11 @@ class TrainConfig:
     ``overwrite`` lets a new run replace the run already in ``out`` (otherwise refused).
     ``precision`` is ``"fp32"``, ``"tf32"`` or ``"bf16"`` (:mod:`noprop.precision`: TF32 matmuls
     around every training step and evaluation, or bfloat16 autocast there).
+    ``parallel`` (:mod:`noprop.distributed`, under ``torchrun``): ``"blocks"`` splits NoProp-DT's
+    T blocks over the ranks, ``"data"`` splits the rows of every batch (DT, CT, FM; the baselines
+    run in one process); ``dist_backend`` is the process group's backend (``auto``: ``nccl`` on
+    GPUs, ``gloo`` on the CPU) and ``dist_timeout`` the seconds after which a collective, or a rank
+    that stopped responding, stops the run with an error naming the rank.
     """
 
     method: str = "dt"
@@ -94,6 +104,9 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False
     precision: str = "fp32"
+    parallel: str = "none"
+    dist_backend: str = "auto"
+    dist_timeout: float = 300.0
     progress: bool = True
     overwrite: bool = False
 
@@ -133,6 +146,27 @@ class TrainConfig:
             raise ValueError(f"schedule: 'paper' (a pass per block) exists for method 'dt' only, got method {self.method!r}")
         if self.block_chunk is not None and (self.method != "dt" or self.schedule != "batched"):
             raise ValueError(f"block_chunk: only NoProp-DT with schedule 'batched' trains its blocks in chunks, got method {self.method!r}")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        check_choice("parallel", self.parallel, PARALLEL_MODES)
+        check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
+        check_number("dist_timeout", self.dist_timeout)
+        if self.parallel == "none":
+            return
+        if self.method in ("backprop", "adjoint"):
+            raise ValueError(f"parallel: the {self.method!r} baseline trains end to end in one process; --parallel applies to dt, ct and fm")
+        if self.parallel == "blocks" and self.method != "dt":
+            raise ValueError(
+                f"parallel: 'blocks' splits NoProp-DT's T blocks over the ranks; method {self.method!r} has one shared network, use --parallel data"
+            )
+        if self.parallel == "blocks" and self.schedule == "paper":
+            raise ValueError("parallel: 'blocks' with schedule 'paper' would train one block (one rank) at a time; use schedule 'batched' or --parallel data")
+        if self.parallel == "data" and self.block_chunk is not None:
+            raise ValueError("block_chunk: not with --parallel data (each rank trains every block on its rows); use --parallel blocks")
+        for name in ("compile", "cuda_graphs"):
+            if getattr(self, name):
+                raise ValueError(f"{name} ({flag(name)}): not supported with --parallel {self.parallel} (one-process runs only)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -204,6 +238,8 @@ def resume_config(saved: TrainConfig, changes: dict, epoch: int, checkpoint: os.
                 f"a resumed run keeps its settings: drop {flag(name)}, or start a new run with a new --out"
             )
     allowed = {k: v for k, v in changes.items() if k in RESUME_MAY_CHANGE}
+    for name in LAUNCH_OPTIONS:
+        allowed.setdefault(name, getattr(TrainConfig, name))
     allowed.setdefault("out", str(pathlib.Path(checkpoint).resolve().parent))
     allowed["resume"] = str(checkpoint)
     config = dataclasses.replace(saved, **allowed)

@@ -1,8 +1,10 @@
 """A run's output folder: refusing to overwrite another run, checkpoints and metrics written in order,
 signals that let a write finish, and the model rebuilt from a checkpoint with its shapes checked first.
 
-Layout of ``OUT``: ``checkpoint.pt`` (written atomically, :mod:`noprop.checkpoint`), then
-``metrics.json`` (atomically, so it never lists an epoch that has no checkpoint), then ``curves.png``.
+Layout of ``OUT``: ``checkpoint.pt`` (written atomically, :mod:`noprop.checkpoint`), or the folder
+``checkpoint.dcp`` for a parallel run (:mod:`noprop.distributed.checkpoint`), then ``metrics.json``
+(atomically, so it never lists an epoch that has no checkpoint), then ``curves.png``. A run writes
+one kind of checkpoint and removes the other kind when a resumed run switches between them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
 
@@ -23,6 +26,7 @@ from noprop.data import ImageDataset
 from noprop.models import NoPropModel, build_model
 
 RUN_FILES = ("checkpoint.pt", "metrics.json", "curves.png")
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.dcp")  # one process; a parallel run (a folder)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -155,7 +159,7 @@ def check_out(out: pathlib.Path, config: TrainConfig, continuing: bool) -> list[
     """Refuse an ``out`` that holds another run (unless ``overwrite``); returns the run files in it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} exists and is not a folder")
-    existing = [name for name in RUN_FILES[:2] if (out / name).exists()]
+    existing = [name for name in (*CHECKPOINTS, "metrics.json") if (out / name).exists()]
     if existing and not continuing and not config.overwrite:
         raise ValueError(
             f"out: {out} already holds a run ({', '.join(existing)}); pass --resume {out / 'checkpoint.pt'} "
@@ -166,33 +170,50 @@ def check_out(out: pathlib.Path, config: TrainConfig, continuing: bool) -> list[
 
 def prepare_out(out: pathlib.Path, replace: bool) -> None:
     """Create ``out`` (once the data and the model are ready), clear a replaced run, remove stale temporaries."""
+    from noprop.distributed import checkpoint as sharded
+
     if replace:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / sharded.NAME, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_temporaries(out / "checkpoint.pt")
+    sharded.remove_stale(out)
     (out / ".metrics.json.tmp").unlink(missing_ok=True)
 
 
-def save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator) -> None:
-    """The checkpoint first, then metrics.json (never an epoch without a checkpoint), then the curves."""
-    ckpt.save_atomic(
-        {
-            "format": ckpt.FORMAT_VERSION,
-            "config": dataclasses.asdict(config),
-            "method": model.method,
-            "model_config": model.config(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": model.noise_schedule.describe() if hasattr(model, "noise_schedule") else None,
-            "epoch": epoch,
-            "history": history,
-            "dataset": dataset.describe(),
-            "rng": ckpt.capture_rng(loader_generator),
-        },
-        out / "checkpoint.pt",
-    )
+def run_record(config, model, epoch, history, dataset, loader_generator) -> dict:
+    """What a checkpoint holds besides the model's and the optimizer's state (both kinds of checkpoint)."""
+    return {
+        "format": ckpt.FORMAT_VERSION,
+        "config": dataclasses.asdict(config),
+        "method": model.method,
+        "model_config": model.config(),
+        "schedule": model.noise_schedule.describe() if hasattr(model, "noise_schedule") else None,
+        "epoch": epoch,
+        "history": history,
+        "dataset": dataset.describe(),
+        "rng": ckpt.capture_rng(loader_generator),
+    }
+
+
+def write_metrics(out: pathlib.Path, config, history, dataset, device) -> None:
+    """``metrics.json`` (atomically), then ``curves.png``: after the epoch's checkpoint."""
     write_json_atomic(out / "metrics.json", {"config": dataclasses.asdict(config), "dataset": dataset.describe(), "device": str(device), "epochs": history})
     from noprop.plots import plot_curves
 
     plot_curves(history, out / "curves.png", title=f"NoProp-{config.method.upper()} on {dataset.name}")
+
+
+def save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator) -> pathlib.Path:
+    """The checkpoint first, then metrics.json (never an epoch without a checkpoint), then the curves.
+
+    Returns the checkpoint's path. A parallel run's ``checkpoint.dcp`` left in ``out`` (this run
+    resumed it in one process) is removed once ``checkpoint.pt`` is written.
+    """
+    record = run_record(config, model, epoch, history, dataset, loader_generator)
+    path = out / "checkpoint.pt"
+    ckpt.save_atomic({**record, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    shutil.rmtree(out / CHECKPOINTS[1], ignore_errors=True)
+    write_metrics(out, config, history, dataset, device)
+    return path

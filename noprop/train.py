@@ -19,6 +19,7 @@ checkpoint's run are refused by name, and the data must be the run's own (its fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import random
@@ -43,6 +44,7 @@ from noprop.config import (
     resume_config,
 )
 from noprop.data import BatchLoader, ImageDataset, load_dataset
+from noprop.distributed.session import open_session
 from noprop.models import NoPropModel, build_model
 from noprop.objectives import LossTerms
 from noprop.precision import check_backend, precision_scope
@@ -216,11 +218,13 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *, changes: 
         ValueError: bad configuration (unknown dataset or method, missing data directory, an
             existing run in ``out``, a damaged checkpoint, options that conflict with it, ...).
     """
-    with SignalGuard() as guard:
-        return _train(config, dataset, changes, guard)
+    with SignalGuard() as guard, contextlib.ExitStack() as stack:
+        return _train(config, dataset, changes, guard, stack)
 
 
-def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | None, guard: SignalGuard) -> TrainResult:
+def _train(
+    config: TrainConfig, dataset: ImageDataset | None, changes: dict | None, guard: SignalGuard, stack: contextlib.ExitStack
+) -> TrainResult:
     state = None
     checkpoint_path = None
     if config.resume:
@@ -241,7 +245,10 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
         data_dir=str(pathlib.Path(config.data_dir).resolve()) if config.data_dir is not None else None,
         resume=str(checkpoint_path.resolve()) if checkpoint_path is not None else None,
     )
-    device = resolve_device(config.device)
+    parallel = open_session(config, stack)  # torch.distributed: None for a one-process run
+    if parallel is not None and not parallel.is_main:
+        config = dataclasses.replace(config, progress=False)
+    device = parallel.device if parallel is not None else resolve_device(config.device)
     if config.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs: capturing the step needs a CUDA device, the run is on {device}")
     check_backend(config.precision, config.backend, device)
@@ -252,10 +259,13 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
         if state is not None and config.data_dir is not None and not pathlib.Path(config.data_dir).is_dir():
             raise ValueError(f"data_dir: the run's data folder {config.data_dir} does not exist (moved?); pass --data-dir with its new location")
         normalization = (state["dataset"]["mean"], state["dataset"]["std"]) if state is not None else None
-        dataset = load_dataset(
+        load = lambda: load_dataset(  # noqa: E731
             config.dataset, config.data_dir, train_limit=config.train_limit, eval_limit=config.eval_limit, seed=config.seed,
             normalization=normalization,
         )
+        dataset = parallel.main_first(load) if parallel is not None else load()
+    if parallel is not None:
+        parallel.check_same_data(dataset)
     if state is not None:
         check_same_data(dataset, state["dataset"], config.data_dir or "the dataset")
     dataset = dataset.to(device)
@@ -276,9 +286,14 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             history = list(state["history"])
             start_epoch = state["epoch"] + 1
             ckpt.restore_rng(state["rng"], loader_generator)
-    step = TrainStep(
-        model, optimizer, block_chunk=config.block_chunk, grad_clip=config.grad_clip, compile=config.compile, cuda_graphs=config.cuda_graphs
-    )
+            if parallel is not None:
+                parallel.restore_device_rng(state["rng"])
+    if parallel is not None:
+        step = parallel.train_step(model, optimizer, config)
+    else:
+        step = TrainStep(
+            model, optimizer, block_chunk=config.block_chunk, grad_clip=config.grad_clip, compile=config.compile, cuda_graphs=config.cuda_graphs
+        )
     loader = BatchLoader(
         dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=loader_generator,
         drop_last=config.cuda_graphs, drop_single=True,
@@ -288,19 +303,27 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             f"train_limit: {dataset.train_x.shape[0]} training example(s) make no training batch "
             f"(batch_size {config.batch_size}; a batch needs at least 2 examples{', and a full batch with cuda_graphs' if config.cuda_graphs else ''})"
         )
-    prepare_out(out, replace)
+    batches = parallel.batches(loader, model) if parallel is not None else loader
+    if parallel is None or parallel.is_main:
+        prepare_out(out, replace)
+    if parallel is not None:
+        parallel.barrier()
+    run_evaluation = parallel.evaluate if parallel is not None else evaluate
+    run_save = parallel.save_epoch if parallel is not None else save_epoch
     train_eval = (dataset.train_x[: dataset.test_x.shape[0]], dataset.train_y[: dataset.test_x.shape[0]])
     last_saved = (checkpoint_path.resolve(), start_epoch - 1) if continuing else (None, 0)
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            stats, train_seconds = _run_epoch(model, step, loader, config, epoch, device)
+            stats, train_seconds = _run_epoch(model, step, batches, config, epoch, device)
+            if parallel is not None:
+                stats = parallel.combine(stats)
             _check_model_finite(model, f"after epoch {epoch}", epoch)
             eval_start = time.perf_counter()
             eval_kwargs = {**inference_kwargs(config), "precision": config.precision}
-            train_accuracy, _ = evaluate(model, *train_eval, **eval_kwargs)
-            test_accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **eval_kwargs)
+            train_accuracy, _ = run_evaluation(model, *train_eval, **eval_kwargs)
+            test_accuracy, _ = run_evaluation(model, dataset.test_x, dataset.test_y, **eval_kwargs)
             record = {
                 "epoch": epoch,
                 **stats,
@@ -314,8 +337,7 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
             }
             history.append(record)
             with guard.deferred():  # a signal now lets the checkpoint, metrics and curves be written first
-                save_epoch(out, config, model, optimizer, epoch, history, dataset, device, loader_generator)
-                last_saved = (out / "checkpoint.pt", epoch)
+                last_saved = (run_save(out, config, model, optimizer, epoch, history, dataset, device, loader_generator), epoch)
             if config.progress:
                 print(
                     f"epoch {epoch}/{config.epochs}: loss {record['loss']:.4f}  train acc {train_accuracy:.4f}  "
@@ -324,6 +346,8 @@ def _train(config: TrainConfig, dataset: ImageDataset | None, changes: dict | No
                 )
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(interrupted.signum, *last_saved) from None
+    if parallel is not None:
+        parallel.finish(model)
     return TrainResult(history, model, dataset, out)
 
 
