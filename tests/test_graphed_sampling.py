@@ -126,3 +126,19 @@ def test_graphed_sampling_under_bf16_autocast(cls):
         graph = model.predict(x, steps=100, seed=5, cuda_graph=True)
     assert_close(graph, eager, torch.bfloat16)
     assert len(graphed.sampling_graphs(model).graphs) == 2 and not torch.equal(graph.float(), fp32)
+
+
+def test_sampling_benchmark_on_the_cpu(tmp_path, capsys):
+    """``python -m bench.sampling`` (a phase of ``make gpu-check``) on a tiny CPU problem: eager only, no graph."""
+    import json
+
+    from bench import sampling
+
+    argv = ["--device", "cpu", "--cases", "ct-ancestral", "fm-euler", "--batch", "4", "--steps", "3", "--width", "0.125",
+            "--repeats", "1", "--out", str(tmp_path)]
+    assert sampling.main(argv) == 0
+    result = json.loads((tmp_path / "sampling-cpu.json").read_text())
+    assert set(result["cases"]) == {"ct-ancestral", "fm-euler"} and result["device"]["tag"] == "cpu"
+    for row in result["cases"].values():
+        assert row["eager_seconds"] > 0 and row["steps"] == 3 and "graph_seconds" not in row
+    assert "| ct-ancestral | 4 | 3 |" in capsys.readouterr().out
