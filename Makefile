@@ -10,7 +10,7 @@ OUT ?= runs/dt-mnist
 export MAX_JOBS ?= 2
 export NOPROP_REQUIRE_EXTENSION ?= 1
 
-.PHONY: setup test test-fast train bench clean
+.PHONY: setup test test-fast train bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,15 @@ train: setup
 bench: setup
 	$(BIN)/python -m bench.ops --out bench/results
 	$(BIN)/noprop bench --out bench/results
+
+# On a fresh GPU machine, with its own Python, torch and triton and no network: installs the package
+# without dependencies (building the extension for that GPU), runs the whole test suite, the op,
+# end-to-end and sampling benchmarks, each phase with its own timeout, and writes every result into
+# one folder, bench/results/gpu-check-<gpu>-<date>/ (packed into $$OUT too when OUT is set). Without
+# a CUDA device it prints the plan and exits. GPU_CHECK_ARGS: see python -m bench.gpu_check --help.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info noprop/_C*.so .pytest_cache
