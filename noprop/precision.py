@@ -6,8 +6,8 @@
 * ``tf32``: float32 tensors, but matmuls and convolutions on an Ampere or later GPU may round
   their float32 inputs to TensorFloat-32 (10-bit mantissa; float32 accumulation).
   :func:`tf32_scope` sets ``torch.backends.cuda.matmul.allow_tf32`` and
-  ``torch.backends.cudnn.allow_tf32`` for the run and puts every TF32 setting back as it was
-  afterwards. The Triton GEMM of :func:`noprop.ops.stacked_linear` follows, since it reads
+  ``torch.backends.cudnn.allow_tf32`` inside it (each training step and evaluation) and puts
+  every TF32 setting back as it was afterwards. The Triton GEMM of :func:`noprop.ops.stacked_linear` follows, since it reads
   ``torch.get_float32_matmul_precision()``. No effect on the CPU.
 * ``bf16``: :func:`autocast` is ``torch.autocast(device_type, dtype=torch.bfloat16)`` around
   each training step and around inference (``predict``); parameters, gradients, optimizer state
