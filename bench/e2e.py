@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from noprop import NoPropCT, NoPropDT, NoPropFM
+from bench import cpu_step
 from bench.environment import REPO, device_name, device_tag, utc_now, versions
 from bench.loops import SeedStyleLoop
 from noprop.step import TrainStep
@@ -185,8 +186,8 @@ def _quantile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- criteria, output
 
 
-def criteria(training: dict, device: torch.device) -> list[dict]:
-    """The issue's acceptance numbers, evaluated on this run."""
+def criteria(training: dict, device: torch.device, cpu: dict | None = None) -> list[dict]:
+    """The issue's acceptance numbers, evaluated on this run (``cpu``: :func:`bench.cpu_step.measure`'s result)."""
 
     def ratio(case: str, over: str) -> float | None:
         if case in training and over in training:
@@ -203,6 +204,7 @@ def criteria(training: dict, device: torch.device) -> list[dict]:
         ]
     else:
         checks += [("stack_eager (the default CPU path) vs seed_style (speed-up)", ratio("stack_eager", "seed_style"), ">=", 1.0)]
+        checks += cpu_step.criteria(cpu) if cpu is not None else []
     results = []
     for label, value, comparison, threshold in checks:
         if value is None or value != value:
@@ -257,6 +259,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 50 on a GPU, 5 on the CPU)")
     parser.add_argument("--inference-batch", type=int, default=None, help="default 1024 on a GPU, 256 on the CPU")
     parser.add_argument("--ode-steps", type=int, default=None, help="CT/FM inference steps (default 1000 on a GPU, 50 on the CPU)")
+    parser.add_argument("--cpu-rounds", type=int, default=12, help="CPU: alternated rounds of the default step vs the seed-style loop")
     parser.add_argument("--out", default=".", help="folder for train-<device>.json and .png (default: the current directory)")
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)  # internal: a CPU case in its own process
     return parser.parse_args(argv)
@@ -290,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
             training[case] = json.loads(output.strip().splitlines()[-1])
         print(f"  {training[case]['epoch_seconds']:.1f} s/epoch, {training[case]['peak_memory_mb']:.0f} MB", file=sys.stderr)
+    cpu = None
+    if not on_gpu:
+        print(f"default step vs seed-style loop, alternated ({args.cpu_rounds} rounds) ...", file=sys.stderr, flush=True)
+        cpu = cpu_step.measure(T=args.T, batch_size=args.batch_size, rounds=args.cpu_rounds, width=args.width)
     inference = {}
     batch = args.inference_batch or (1024 if on_gpu else 256)
     ode_steps = args.ode_steps or (1000 if on_gpu else 50)
@@ -306,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": training,
         "inference": inference,
     }
-    result["criteria"] = criteria(training, device)
+    if cpu is not None:
+        result["cpu_step"] = cpu
+    result["criteria"] = criteria(training, device, cpu)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = result["device"]["tag"]

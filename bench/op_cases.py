@@ -24,6 +24,9 @@ case                     passes  call
                          bwd     ``H = 256`` (T fully connected layers of BlockStack); bwd = grads for
                                  ``x, weight, bias``. Measured, not judged by the criteria: its
                                  reference is cuBLAS, and ``auto`` picks the faster of the two
+``conv_epilogue``        fwd,    the first conv stage's tail of T blocks: ``conv_epilogue(x [B', 32 T,
+                         bwd     28, 28] channels-last, pooled, p = 0.2, seed, blocks=T)`` with
+                                 ``B' = min(B, 256)`` (the large shape would need 65 GB); bwd = grad for ``x``
 =======================  ======  ===============================================================
 
 A backend that lacks an op (the registry's ``lacks``, e.g. the extension's ``stacked_linear``) is
@@ -53,6 +56,7 @@ I64 = 8  # bytes of an int64 (labels, seed)
 PASSES = ("fwd", "bwd")
 SEED = 20250331
 STACKED_LINEAR_OUT = 256  # H: output features of the stacked_linear case (the paper block's hidden width)
+EPILOGUE_CHANNELS, EPILOGUE_SIZE, EPILOGUE_MAX_BATCH = 32, 28, 256  # the first conv stage of an MNIST block
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,18 @@ def _stacked_linear_setup(shape: Shape, backend: str, device: torch.device):
     return (lambda: ops.stacked_linear(*leaves, backend=backend)), leaves
 
 
+def _epilogue_shape(s: Shape) -> tuple[int, int, int, int]:
+    return (min(s.B, EPILOGUE_MAX_BATCH), EPILOGUE_CHANNELS * s.T, EPILOGUE_SIZE, EPILOGUE_SIZE)
+
+
+def _conv_epilogue_setup(shape: Shape, backend: str, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(_epilogue_shape(shape), generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    seed = torch.tensor([SEED], dtype=torch.int64, device=device)
+    return (lambda: ops.conv_epilogue(x, pooled=True, p=0.2, seed=seed, blocks=shape.T, backend=backend)), (x,)
+
+
 # ---------------------------------------------------------------------------------------------- bytes
 
 
@@ -238,6 +254,14 @@ def _stacked_linear_bytes(s: Shape) -> dict[str, int]:
     return {"fwd": F32 * (x + w + b + y), "bwd": F32 * (y + x + w) + F32 * (x + w + b)}
 
 
+def _conv_epilogue_bytes(s: Shape) -> dict[str, int]:
+    """fwd: read ``x`` (N floats), write ``y`` (N / 4 floats) and the argmax (N / 4 bytes).
+    bwd: read ``grad_y``, ``y`` and the argmax, write ``grad_x`` (N floats)."""
+    B, K, H, W = _epilogue_shape(s)
+    n_in, n_out = B * K * H * W, B * K * (H // 2) * (W // 2)
+    return {"fwd": F32 * (n_in + n_out) + n_out + I64, "bwd": F32 * (2 * n_out + n_in) + n_out}
+
+
 # ---------------------------------------------------------------------------------------------- cases
 
 
@@ -266,6 +290,7 @@ CASES = (
     OpCase("latent_update", "latent_update", "", ("fwd",), _latent_update_setup, _latent_update_bytes),
     OpCase("latent_update[BP]", "latent_update", "BP", PASSES, _latent_update_bp_setup, _latent_update_bp_bytes),
     OpCase("stacked_linear", "stacked_linear", "", PASSES, _stacked_linear_setup, _stacked_linear_bytes, judged=False),
+    OpCase("conv_epilogue", "conv_epilogue", "", PASSES, _conv_epilogue_setup, _conv_epilogue_bytes),
 )
 CASE_PASSES = tuple((case, pass_) for case in CASES for pass_ in case.passes)
 

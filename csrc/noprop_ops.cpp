@@ -572,35 +572,112 @@ struct Strides4 {
   explicit Strides4(const at::Tensor& t) : b(t.stride(0)), k(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
 
-// One output pixel (b, ho, wo) of every channel: window max, dropout, store. Channels run innermost
-// and block by block, so consecutive channels share Philox draws (four elements per draw).
+// The keep flags of elements first .. first + n - 1 of one (row, block, stream): the Philox draws of
+// their groups of four (a loop over consecutive counters, which vectorises), then one comparison each.
 NOPROP_CPU_DISPATCH
-void epilogue_pixel(const float* x, const Strides4& xs, float* y, uint8_t* argmax, const Strides4& ys,
-                    const EpilogueSizes& s, int64_t b, int64_t ho, int64_t wo, bool pooled, float p, float scale,
-                    PhiloxKey key, uint32_t row, uint32_t block_offset, uint32_t stream) {
-  const int64_t step = pooled ? 2 : 1;
-  const float* x_pixel = x + b * xs.b + ho * step * xs.h + wo * step * xs.w;
-  const int64_t y_pixel = b * ys.b + ho * ys.h + wo * ys.w;
-  const uint32_t first_element = static_cast<uint32_t>((ho * s.Wo + wo) * s.C);
-  for (int64_t j = 0; j < s.K / s.C; ++j) {
-    PhiloxBlock draw{};
-    int64_t drawn_group = -1;
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t channel = j * s.C + c;
-      const WindowMax m = pooled ? window_max(x_pixel + channel * xs.k, xs.h, xs.w) : WindowMax{x_pixel[channel * xs.k], 0};
-      bool keep = true;
-      if (p > 0.0f) {
-        const uint32_t element = first_element + static_cast<uint32_t>(c);
-        if (static_cast<int64_t>(element >> 2) != drawn_group) {
-          draw = dropout_draw(key, element, row, block_offset + static_cast<uint32_t>(j), stream);
-          drawn_group = element >> 2;
-        }
-        keep = dropout_keep(draw, element, p);
+void dropout_keep_run(PhiloxKey key, uint32_t first, int64_t n, uint32_t row, uint32_t block, uint32_t stream, float p,
+                      std::vector<uint32_t>& words, uint8_t* keep) {
+  constexpr int kLanes = 16;  // groups drawn side by side: each round is one loop over lanes, which vectorises
+  const uint32_t first_group = first >> 2;
+  const int64_t groups = ((static_cast<int64_t>(first) + n - 1) >> 2) - first_group + 1;
+  const int64_t padded = (groups + kLanes - 1) / kLanes * kLanes;
+  words.resize(4 * padded);
+  uint32_t* out = words.data();
+  for (int64_t g0 = 0; g0 < padded; g0 += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int l = 0; l < kLanes; ++l) c0[l] = first_group + static_cast<uint32_t>(g0 + l), c1[l] = row, c2[l] = block, c3[l] = stream;
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
+        const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
+        const uint32_t n0 = static_cast<uint32_t>(prod_b >> 32) ^ c1[l] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(prod_a >> 32) ^ c3[l] ^ k1;
+        c1[l] = static_cast<uint32_t>(prod_b);
+        c3[l] = static_cast<uint32_t>(prod_a);
+        c0[l] = n0;
+        c2[l] = n2;
       }
-      y[y_pixel + channel * ys.k] = epilogue_value(m.value, keep, scale);
-      if (pooled) argmax[y_pixel + channel * ys.k] = m.index;
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      uint32_t* w = out + 4 * (g0 + l);
+      w[0] = c0[l], w[1] = c1[l], w[2] = c2[l], w[3] = c3[l];
     }
   }
+  const uint32_t lane = first & 3u;
+  for (int64_t i = 0; i < n; ++i) keep[i] = uniform_from_word(out[lane + i]) >= p;
+}
+
+// The 2x2 window maxima of K channels with unit channel stride (channels-last input), branch-free so
+// the loop vectorises: rows r0 and r1, column step sw.
+NOPROP_CPU_DISPATCH
+void window_max_run(const float* r0, const float* r1, int64_t sw, int64_t K, float* value, uint8_t* index) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float v[4] = {r0[k], r0[k + sw], r1[k], r1[k + sw]};
+    float m = v[0];
+    uint8_t at = 0;
+    for (int i = 1; i < 4; ++i) {
+      const bool better = v[i] > m || v[i] != v[i];
+      m = better ? v[i] : m;
+      at = better ? static_cast<uint8_t>(i) : at;
+    }
+    value[k] = m;
+    index[k] = at;
+  }
+}
+
+// y (and argmax) of one output pixel from its maxima and keep flags; unit channel stride vectorises.
+NOPROP_CPU_DISPATCH
+void store_pixel(const float* value, const uint8_t* keep, const uint8_t* index, float* y, uint8_t* argmax, int64_t at,
+                 int64_t stride, int64_t K, bool pooled, float scale) {
+  if (stride == 1) {
+    for (int64_t k = 0; k < K; ++k) y[at + k] = epilogue_value(value[k], keep[k], scale);
+    if (pooled) std::copy(index, index + K, argmax + at);
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k) y[at + k * stride] = epilogue_value(value[k], keep[k], scale);
+  if (pooled)
+    for (int64_t k = 0; k < K; ++k) argmax[at + k * stride] = index[k];
+}
+
+// Per-thread scratch of one output pixel's K channels.
+struct PixelScratch {
+  std::vector<float> value;
+  std::vector<uint8_t> index, keep;
+  std::vector<uint32_t> words;
+  explicit PixelScratch(int64_t K) : value(K), index(K), keep(K, 1) {}
+};
+
+// One output pixel (b, ho, wo) of every channel: window max, dropout, store. Channels-last input
+// (unit channel stride): maxima for all channels at once, then each block's keep flags from one run
+// of Philox draws. Any other input: element by element.
+void epilogue_pixel(const float* x, const Strides4& xs, float* y, uint8_t* argmax, const Strides4& ys,
+                    const EpilogueSizes& s, int64_t b, int64_t ho, int64_t wo, bool pooled, float p, float scale,
+                    PhiloxKey key, uint32_t row, uint32_t block_offset, uint32_t stream, PixelScratch& scratch) {
+  const int64_t step = pooled ? 2 : 1;
+  const float* x_pixel = x + b * xs.b + ho * step * xs.h + wo * step * xs.w;
+  const uint32_t first_element = static_cast<uint32_t>((ho * s.Wo + wo) * s.C);
+  float* value = scratch.value.data();
+  uint8_t *index = scratch.index.data(), *keep = scratch.keep.data();
+  if (xs.k == 1 && pooled) {
+    window_max_run(x_pixel, x_pixel + xs.h, xs.w, s.K, value, index);
+  } else if (xs.k == 1) {
+    std::copy(x_pixel, x_pixel + s.K, value);
+  } else {
+    for (int64_t k = 0; k < s.K; ++k) {
+      const WindowMax m = pooled ? window_max(x_pixel + k * xs.k, xs.h, xs.w) : WindowMax{x_pixel[k * xs.k], 0};
+      value[k] = m.value;
+      index[k] = m.index;
+    }
+  }
+  if (p > 0.0f) {
+    for (int64_t j = 0; j < s.K / s.C; ++j)
+      dropout_keep_run(key, first_element, s.C, row, block_offset + static_cast<uint32_t>(j), stream, p, scratch.words,
+                       keep + j * s.C);
+  }
+  store_pixel(value, keep, index, y, argmax, b * ys.b + ho * ys.h + wo * ys.w, ys.k, s.K, pooled, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_epilogue_forward_cpu(const at::Tensor& x, const at::Tensor& seed, double p,
@@ -619,14 +696,50 @@ std::tuple<at::Tensor, at::Tensor> conv_epilogue_forward_cpu(const at::Tensor& x
   uint8_t* ap = pooled ? argmax.data_ptr<uint8_t>() : nullptr;
   // one task = one output row (b, ho) of every channel
   at::parallel_for(0, s.B * s.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.Wo * s.K)), [&](int64_t first, int64_t last) {
+    PixelScratch scratch(s.K);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / s.Ho, ho = task % s.Ho;
       for (int64_t wo = 0; wo < s.Wo; ++wo)
         epilogue_pixel(xp, xs, yp, ap, ys, s, b, ho, wo, pooled, pf, scale, key, static_cast<uint32_t>(row_offset + b),
-                       static_cast<uint32_t>(block_offset), static_cast<uint32_t>(stream));
+                       static_cast<uint32_t>(block_offset), static_cast<uint32_t>(stream), scratch);
     }
   });
   return {y, argmax};
+}
+
+// grad_x of one output pixel's K channels: g = grad_y / (1 - p) where y > 0, routed to the argmax of
+// each window (zeros elsewhere). Channel loops run at unit stride where the tensors allow it.
+NOPROP_CPU_DISPATCH
+void epilogue_grad_pixel(const float* gy, const Strides4& gys, const float* y, const uint8_t* argmax, const Strides4& ys,
+                         float* gx, const Strides4& gxs, const EpilogueSizes& s, int64_t b, int64_t ho, int64_t wo,
+                         bool pooled, float scale, float* g) {
+  const float* gy_pixel = gy + b * gys.b + ho * gys.h + wo * gys.w;
+  const int64_t y_pixel = b * ys.b + ho * ys.h + wo * ys.w;
+  const float* y_at = y + y_pixel;
+  if (ys.k == 1 && gys.k == 1) {
+    for (int64_t k = 0; k < s.K; ++k) g[k] = y_at[k] > 0.0f ? gy_pixel[k] * scale : 0.0f;
+  } else {
+    for (int64_t k = 0; k < s.K; ++k) g[k] = y_at[k * ys.k] > 0.0f ? gy_pixel[k * gys.k] * scale : 0.0f;
+  }
+  if (!pooled) {
+    float* out = gx + b * gxs.b + ho * gxs.h + wo * gxs.w;
+    if (gxs.k == 1) {
+      std::copy(g, g + s.K, out);
+    } else {
+      for (int64_t k = 0; k < s.K; ++k) out[k * gxs.k] = g[k];
+    }
+    return;
+  }
+  float* window = gx + b * gxs.b + 2 * ho * gxs.h + 2 * wo * gxs.w;
+  for (int i = 0; i < 4; ++i) {
+    float* out = window + (i >> 1) * gxs.h + (i & 1) * gxs.w;
+    const uint8_t* at = argmax + y_pixel;
+    if (gxs.k == 1 && ys.k == 1) {
+      for (int64_t k = 0; k < s.K; ++k) out[k] = at[k] == i ? g[k] : 0.0f;
+    } else {
+      for (int64_t k = 0; k < s.K; ++k) out[k * gxs.k] = at[k * ys.k] == i ? g[k] : 0.0f;
+    }
+  }
 }
 
 at::Tensor conv_epilogue_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& argmax, double p,
@@ -639,21 +752,11 @@ at::Tensor conv_epilogue_backward_cpu(const at::Tensor& grad_y, const at::Tensor
   const uint8_t* ap = pooled ? argmax.data_ptr<uint8_t>() : nullptr;
   float* gx = grad_x.data_ptr<float>();
   at::parallel_for(0, s.B * s.Ho, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.Wo * s.K)), [&](int64_t first, int64_t last) {
+    std::vector<float> g(s.K);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / s.Ho, ho = task % s.Ho;
-      for (int64_t wo = 0; wo < s.Wo; ++wo) {
-        for (int64_t k = 0; k < s.K; ++k) {
-          const int64_t at_y = b * ys.b + k * ys.k + ho * ys.h + wo * ys.w;
-          const float g = yp[at_y] > 0.0f ? gy[b * gys.b + k * gys.k + ho * gys.h + wo * gys.w] * scale : 0.0f;
-          if (!pooled) {
-            gx[b * gxs.b + k * gxs.k + ho * gxs.h + wo * gxs.w] = g;
-            continue;
-          }
-          float* window = gx + b * gxs.b + k * gxs.k + 2 * ho * gxs.h + 2 * wo * gxs.w;
-          const uint8_t index = ap[at_y];
-          for (int i = 0; i < 4; ++i) window[(i >> 1) * gxs.h + (i & 1) * gxs.w] = i == index ? g : 0.0f;
-        }
-      }
+      for (int64_t wo = 0; wo < s.Wo; ++wo)
+        epilogue_grad_pixel(gy, gys, yp, ap, ys, gx, gxs, s, b, ho, wo, pooled, scale, g.data());
     }
   });
   return grad_x;

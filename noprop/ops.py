@@ -477,7 +477,8 @@ def conv_epilogue(
     p = float(p)
     if p > 0 and seed is None:
         raise ValueError("seed: required when p > 0 (it selects the dropout mask)")
-    seed_tensor = rng.as_seed_tensor(0 if seed is None else seed, x.device)
+    # without dropout the seed is never read: a device zero (no host copy, so CUDA graphs can capture it)
+    seed_tensor = torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else rng.as_seed_tensor(seed, x.device)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     chosen = backends.resolve("conv_epilogue", backend, x.device, (x.dtype,))

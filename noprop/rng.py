@@ -117,14 +117,14 @@ def uint32_to_uniform(word: torch.Tensor) -> torch.Tensor:
     Triton's rule: ``x = int32(word); x = ~x if x < 0; u = float32(x) * 4.6566127342e-10``.
     """
     folded = torch.where(word >= 2**31, _MASK32 - word, word)  # ~x for negative int32 x
-    scale = torch.tensor(UINT_TO_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
+    scale = torch.full((), UINT_TO_UNIFORM_SCALE, dtype=torch.float32, device=word.device)  # no host copy
     return folded.to(torch.float32) * scale
 
 
 def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     """Standard normal from two float32 uniforms: ``sqrt(-2 log max(u1, 1e-7)) cos(2 pi u2)``."""
     u1 = torch.clamp_min(u1, BOX_MULLER_MIN_UNIFORM)
-    theta = torch.tensor(TWO_PI, dtype=torch.float32, device=u2.device) * u2
+    theta = torch.full((), TWO_PI, dtype=torch.float32, device=u2.device) * u2
     radius = torch.sqrt(-2.0 * torch.log(u1))
     return radius * torch.cos(theta)
 
@@ -227,4 +227,4 @@ def dropout_keep(
     words = philox_block(seed, element >> 2, row, block, torch.full((), stream, dtype=torch.int64, device=device))
     lane = element & 3
     word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
-    return uint32_to_uniform(word) >= torch.tensor(p, dtype=torch.float32, device=device)
+    return uint32_to_uniform(word) >= torch.full((), p, dtype=torch.float32, device=device)

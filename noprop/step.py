@@ -107,7 +107,7 @@ class TrainStep:
                     return compiled(*args)
 
             self._compiled_loss = compiled_loss
-            if next(model.parameters()).device.type == "cuda":  # on the CPU the eager foreach step is as fast
+            if next(model.parameters()).device.type == "cuda":  # on the CPU the eager fused step is as fast
                 self._optimizer_step = torch.compile(optimizer.step, fullgraph=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: dict = {}

@@ -79,7 +79,7 @@ def test_end_to_end_benchmark_runs_and_reports(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     argv = ["bench", "--device", "cpu", "--width", "0.125", "--T", "2", "--steps", "1", "--warmup", "1",
-            "--cases", "seed_style", "stack_eager", "--ode-steps", "2", "--inference-batch", "8"]
+            "--cases", "seed_style", "stack_eager", "--ode-steps", "2", "--inference-batch", "8", "--cpu-rounds", "1"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "train-cpu.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{40}", result["versions"]["noprop_commit"])
@@ -89,6 +89,7 @@ def test_end_to_end_benchmark_runs_and_reports(tmp_path, monkeypatch):
         assert row["epoch_seconds"] > 0 and row["peak_memory_mb"] > 0
     assert set(result["inference"]) == {"dt", "ct", "fm"}
     assert result["criteria"][0]["value"] is not None
+    assert result["cpu_step"]["T"] == 2 and any("SGEMM" in c["criterion"] for c in result["criteria"])
     assert (tmp_path / "train-cpu.png").is_file()
 
 
@@ -108,3 +109,31 @@ def test_an_export_without_git_is_recorded_as_not_a_checkout(monkeypatch):
     monkeypatch.setattr(environment, "_git", lambda *args: None)
     versions = environment.versions()
     assert versions["noprop_commit"] is None and versions["checkout"].startswith("not a git checkout")
+
+
+def test_dt_step_flops_match_flop_counter_on_one_block():
+    """The hand count of bench/cpu_step.py against FlopCounterMode on one (ungrouped) block's forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.cpu_step import dt_step_flops
+    from noprop.blocks import BlockConfig, DTBlock
+
+    config = BlockConfig.scaled(0.25)
+    torch.manual_seed(0)
+    block = DTBlock(10, 1, 28, 10, config)
+    with FlopCounterMode(display=False) as counter:
+        block(torch.randn(8, 1, 28, 28), torch.randn(8, 10)).sum().backward()
+    assert dt_step_flops(1, 8, config) == counter.get_total_flops()
+    assert dt_step_flops(10, 128) == 10 * 16 * dt_step_flops(1, 8)
+    assert round(dt_step_flops(10, 128) / 1e9, 1) == 154.5  # the paper's block, T = 10, B = 128
+
+
+def test_cpu_step_measurement_structure():
+    from bench import cpu_step
+
+    result = cpu_step.measure(T=2, batch_size=4, rounds=2, warmup=0, gemm_size=64, ops_T=(2, 4), width=0.125)
+    assert len(result["step_seconds_all"]["default"]) == 2 and result["sgemm"]["gflop_per_second"] > 0
+    assert result["speedup_vs_seed_style"] == result["step_seconds_median"]["seed_style"] / result["step_seconds_median"]["default"]
+    assert result["aten_ops_ratio"] > 1, "the seed-style loop dispatches more ops (5x at T = 10: tests/test_step.py)"
+    labels = [label for label, *_ in cpu_step.criteria(result)]
+    assert any("SGEMM" in label for label in labels) and any("seed-style" in label for label in labels)

@@ -80,7 +80,6 @@ def test_the_sampling_loop_is_capturable(cls, solver, deterministic):
 # capture, so predict(cuda_graph=True) fails on a GPU until the seed is made on the device (e.g.
 # torch.zeros(1, dtype=torch.int64, device=x.device)). strict: this test fails once that is fixed,
 # and the marker goes.
-@pytest.mark.xfail(strict=True, reason="ops.conv_epilogue builds its eval-mode seed from a host int (a host-to-device copy)")
 def test_the_conv_epilogue_in_eval_mode_is_capturable():
     assert _uncapturable(NoPropCT, "ancestral", False) == []
 
