@@ -7,6 +7,8 @@ Examples::
     noprop eval --checkpoint runs/ct-cifar10/checkpoint.pt --solver ancestral --inference-steps 1000
     noprop train --resume runs/dt-mnist/checkpoint.pt --epochs 20
     noprop eval --checkpoint runs/dt-mnist/checkpoint.pt
+    torchrun --nproc-per-node 2 -m noprop train --parallel blocks --out runs/dt-2ranks
+    noprop eval --checkpoint runs/dt-2ranks/checkpoint.dcp
     noprop compare --methods dt,backprop --embeddings onehot --seeds 3 --inference-runs 5 --epochs 10 --out runs/compare
     noprop info
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 
@@ -30,6 +33,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from noprop.models import METHODS
     from noprop.models.dt import SCHEDULES
     from noprop import backends
+    from noprop.config import DIST_BACKENDS, PARALLEL_MODES
     from noprop.train import TrainConfig
 
     defaults = TrainConfig()
@@ -67,6 +71,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
     add("--cuda-graphs", action="store_true", help="capture the whole training step in a CUDA graph (GPU)")
     _add_precision_argument(parser, defaults.precision, "training and evaluation")
+    add("--parallel", choices=PARALLEL_MODES, default=defaults.parallel,
+        help="under torchrun --nproc-per-node N: 'blocks' splits DT's T blocks over the ranks (DT only: CT and FM have one "
+        "shared network), 'data' splits every batch's rows (DT, CT, FM); a resumed run takes it from its own launch")
+    add("--dist-backend", choices=DIST_BACKENDS, default=defaults.dist_backend, help="process group backend (auto: nccl on GPUs, gloo on the CPU)")
+    add("--dist-timeout", type=float, default=defaults.dist_timeout, metavar="SECONDS",
+        help="a collective or a silent rank stops every rank after this long, naming the rank")
     add("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -138,7 +148,8 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**values, progress=not args.no_progress)
         result = train(config)
     last = result.history[-1] if result.history else {}
-    print(json.dumps({"out": str(result.out), "dataset": result.dataset.name, **{k: last.get(k) for k in ("epoch", "train_accuracy", "test_accuracy")}}))
+    if os.environ.get("RANK", "0") == "0":  # a parallel run's summary once, from rank 0
+        print(json.dumps({"out": str(result.out), "dataset": result.dataset.name, **{k: last.get(k) for k in ("epoch", "train_accuracy", "test_accuracy")}}))
     return 0
 
 
@@ -359,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors become one line on stderr, never a traceback: the library's own errors (``ValueError``,
     ``TypeError``, an inapplicable option, a backend that cannot run) and the OS's (a folder that
-    cannot be written) exit with status 2, a NaN/Inf stop with 1, SIGINT (Ctrl-C) and SIGTERM with
-    128 + the signal number (130, 143) after the checkpoint being written was finished.
+    cannot be written) exit with status 2, a NaN/Inf stop or a lost rank of a parallel run with 1,
+    SIGINT (Ctrl-C) and SIGTERM with 128 + the signal number (130, 143) after the checkpoint being
+    written was finished.
     """
     import signal
     import warnings
 
     from noprop.backends import BackendUnavailableError
+    from noprop.distributed import RankLostError
     from noprop.train import InapplicableOptionWarning, NonFiniteLossError, TrainingInterrupted
 
     argv = sys.argv[1:] if argv is None else argv
@@ -382,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, InapplicableOptionWarning, BackendUnavailableError, OSError) as error:
         print(f"noprop {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, RankLostError) as error:
         print(f"noprop {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
         return 1
     except TrainingInterrupted as interrupted:

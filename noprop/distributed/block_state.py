@@ -12,7 +12,7 @@ Everything else (the embedding, the classifier, the noise schedule; every tensor
 *shared*: one value, the same on every rank.
 
 :func:`split` turns named tensors into flat entries, one per shared tensor (key ``name``) and one
-per block slice (key ``name/block<t>``); :func:`join` reassembles them. The flat form does not
+per block slice (key ``name/block<t>``); :func:`join` reassembles them from the keys alone. The flat form does not
 depend on how blocks were assigned to ranks, so a checkpoint written by any number of ranks loads
 at any other. :func:`broadcast_blocks` gives every rank every block (each owner sends its own).
 """
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 _LISTED = re.compile(r"^blocks\.blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^(.*)/block(\d+)$")
 
 
 def block_rows(name: str, tensor: torch.Tensor, T: int | None) -> list[tuple[int, slice]] | None:
@@ -59,26 +60,31 @@ def split(named: dict[str, torch.Tensor], T: int | None, blocks: range | None = 
             continue
         for t, index in rows:
             if blocks is None or t in blocks:
-                flat[f"{name}/block{t}"] = tensor[index]
+                flat[f"{name}/block{t}"] = tensor if index == slice(None) else tensor[index]
     return flat
 
 
-def join(flat: dict[str, torch.Tensor], like: dict[str, torch.Tensor], T: int | None) -> dict[str, torch.Tensor]:
-    """The tensors of ``like`` (names, shapes) assembled from :func:`split` entries.
+def join(flat: dict[str, torch.Tensor], T: int | None, where: str = "blocks") -> dict[str, torch.Tensor]:
+    """Undo :func:`split`: ``name`` entries as they are, the ``name/block<t>`` pieces of a stacked tensor
+    concatenated in block order (all T needed), a listed block's one piece as its tensor.
 
     Raises:
-        KeyError: naming the first entry ``flat`` lacks (a block that was never saved, say).
+        ValueError: ``WHERE: NAME lacks block(s) [...]`` when a block's piece is missing.
     """
-    out = {}
-    for name, tensor in like.items():
-        rows = block_rows(name, tensor, T)
-        if rows is None:
-            out[name] = flat[name]
-        elif rows[0][1] == slice(None):
-            out[name] = flat[f"{name}/block{rows[0][0]}"]
+    whole, pieces = {}, {}
+    for key, value in flat.items():
+        match = _BLOCK_KEY.match(key)
+        if match:
+            pieces.setdefault(match.group(1), {})[int(match.group(2))] = value
         else:
-            out[name] = torch.cat([flat[f"{name}/block{t}"] for t, _ in rows])
-    return out
+            whole[key] = value
+    for name, parts in pieces.items():
+        listed = _LISTED.match(name)
+        expected = [int(listed.group(1))] if listed else list(range(T or 0))
+        if sorted(parts) != expected:
+            raise ValueError(f"{where}: {name} lacks block(s) {sorted(set(expected) - set(parts))} (a rank's part is missing)")
+        whole[name] = torch.cat([parts[t] for t in expected]) if len(expected) > 1 else parts[expected[0]]
+    return whole
 
 
 @torch.no_grad()

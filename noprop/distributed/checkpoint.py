@@ -30,7 +30,6 @@ import hashlib
 import os
 import pathlib
 import pickle
-import re
 import shutil
 import warnings
 
@@ -47,7 +46,6 @@ MANIFEST = "run.pt"
 TEMPORARY = ".checkpoint.dcp.tmp"
 PREVIOUS = ".checkpoint.dcp.old"
 MANIFEST_REQUIRED = {key: kind for key, kind in ckpt.REQUIRED.items() if key not in ("model", "optimizer")} | {"sharded": dict}
-_BLOCK_KEY = re.compile(r"^(.*)/block(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------ entries
@@ -86,25 +84,6 @@ def entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, T: int | N
     parameters = dict(model.named_parameters())
     flat.update({f"optim/{k}": v for k, v in _split_optimizer_state(named, parameters, T, blocks).items()})
     return {k: v.detach().clone() for k, v in flat.items()}
-
-
-def _join(flat: dict[str, torch.Tensor], T: int | None, where: str) -> dict[str, torch.Tensor]:
-    """Whole tensors from entries: ``name`` as is, ``name/block<t>`` pieces concatenated in block order."""
-    whole, pieces = {}, {}
-    for key, value in flat.items():
-        match = _BLOCK_KEY.match(key)
-        if match:
-            pieces.setdefault(match.group(1), {})[int(match.group(2))] = value
-        else:
-            whole[key] = value
-    for name, parts in pieces.items():
-        listed = re.match(r"^(?:optim/)?blocks\.blocks\.(\d+)\.", name.removeprefix("model/"))
-        expected = [int(listed.group(1))] if listed else list(range(T or 0))
-        if sorted(parts) != expected:
-            missing = sorted(set(expected) - set(parts))
-            raise ValueError(f"{where}: {name} lacks block(s) {missing} (a rank's part is missing)")
-        whole[name] = torch.cat([parts[t] for t in expected]) if len(expected) > 1 else parts[expected[0]]
-    return whole
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -155,7 +134,8 @@ def save(
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
         sizes = [len(g["params"]) for g in optimizer.param_groups]
         files = {p.name: _sha256(p) for p in sorted(temporary.iterdir()) if p.is_file()}
-        sharded = {"T": T, "files": files, "parameters": order, "param_groups": groups, "group_sizes": sizes}
+        strides = {name: list(p.stride()) for name, p in model.named_parameters()}
+        sharded = {"T": T, "files": files, "parameters": order, "param_groups": groups, "group_sizes": sizes, "strides": strides}
         ckpt.save_atomic({**run, "sharded": sharded}, temporary / MANIFEST)
         shutil.rmtree(previous, ignore_errors=True)
         if final.exists():
@@ -173,6 +153,18 @@ def remove_stale(folder: pathlib.Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ load
+
+
+def _laid_out(value: torch.Tensor, parameter: torch.Tensor | None, stride: list[int] | None) -> torch.Tensor:
+    """An optimizer state tensor shaped like its parameter, in the parameter's memory layout (``stride``).
+
+    DCP loads contiguous tensors; a state tensor whose strides differ from its parameter's (a
+    channels-last convolution's) makes ``torch.optim.AdamW(fused=True)`` on the CPU pair the wrong
+    elements (PyTorch 2.14), so the saved layout is restored.
+    """
+    if parameter is None or stride is None or value.shape != parameter.shape or list(value.stride()) == stride:
+        return value
+    return torch.empty_strided(value.shape, stride, dtype=value.dtype).copy_(value)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -258,12 +250,12 @@ def load(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint: {path}: its tensors do not load ({' '.join(str(error).split())[:200]})") from None
     where = f"checkpoint: {path}"
     T = sharded.get("T")
-    model = _join({k.removeprefix("model/"): v for k, v in flat.items() if k.startswith("model/")}, T, where)
-    optim = _join({k.removeprefix("optim/"): v for k, v in flat.items() if k.startswith("optim/")}, T, where)
+    model = block_state.join({k.removeprefix("model/"): v for k, v in flat.items() if k.startswith("model/")}, T, where)
+    optim = block_state.join({k.removeprefix("optim/"): v for k, v in flat.items() if k.startswith("optim/")}, T, where)
     order = list(sharded["parameters"])
     state = {}
     for index, name in enumerate(order):
-        entry = {key.rsplit("/", 1)[1]: value for key, value in optim.items() if key.rsplit("/", 1)[0] == name}
+        entry = {key.rsplit("/", 1)[1]: _laid_out(value, model.get(name), sharded["strides"].get(name)) for key, value in optim.items() if key.rsplit("/", 1)[0] == name}
         if entry:
             state[index] = entry
     groups, start = [], 0
