@@ -26,8 +26,6 @@ from noprop import ops
 from noprop.distributed.topology import Topology, partition
 from noprop.stack import BlockList, BlockStack
 
-DEFAULT_MICRO_BATCHES = 4
-
 
 def _image_features(blocks_module, x: torch.Tensor, own: range, T: int) -> torch.Tensor:
     """``[T, B, ...]`` image features whose rows ``own`` hold this rank's blocks' features (the others are
@@ -51,7 +49,7 @@ def pipeline_predict(
     *,
     seed: torch.Tensor,
     deterministic: bool = False,
-    micro_batches: int = DEFAULT_MICRO_BATCHES,
+    micro_batches: int | None = None,
     group=None,
 ) -> torch.Tensor | None:
     """NoProp-DT's ``predict(x, deterministic=..., seed=seed)`` with the blocks of each rank run on that rank.
@@ -62,7 +60,8 @@ def pipeline_predict(
         topology: a ``"blocks"`` topology; ranks ``0..W-1`` hold consecutive block ranges.
         seed: the inference seed (int64 ``[1]``), the same on every rank.
         deterministic: ``z_0 = 0`` and no noise in the updates.
-        micro_batches: pieces the batch travels in (at most ``B``).
+        micro_batches: pieces the batch travels in (at most ``B``; None: one per rank). More
+            pieces keep more ranks busy at once but make smaller, less efficient calls.
         group: the process group (None: the default one).
 
     Returns:
@@ -74,7 +73,8 @@ def pipeline_predict(
     batch, D = x.shape[0], model.embed_dim
     x, _ = model.check_inputs(x)
     features = _image_features(model.blocks, x, own, T)
-    bounds = torch.linspace(0, batch, min(micro_batches, batch) + 1).round().long().tolist()
+    pieces = min(world if micro_batches is None else micro_batches, batch)
+    bounds = torch.linspace(0, batch, pieces + 1).round().long().tolist()
     sends, logits = [], []
     peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
     for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
