@@ -36,7 +36,7 @@ import torch
 
 from noprop import checkpoint as ckpt
 from noprop.config import TrainConfig
-from noprop.distributed import RankLostError, batch_rows, partition, spawn, topology
+from noprop.distributed import RankLostError, batch_rows, partition, pipeline_predict, spawn, topology
 from noprop.distributed import checkpoint as sharded
 from noprop.distributed.block_state import join, split
 from noprop.distributed.session import open_session
@@ -94,6 +94,16 @@ def _scenarios(rank: int, world: int, tmp: str) -> dict:
     }.items():
         result = train(run_config(tmp / name, **overrides), dataset=data())
         results[name] = (state_of(result.model), result.history)
+        if name == "blocks":  # the trained blocks, pipelined over the ranks in 3 micro-batches, vs the whole model
+            model, images, seed = result.model.eval(), data().test_x, torch.tensor([3])
+            role = topology("blocks", model.T, rank, world, rank)
+            for deterministic in (False, True):
+                logits = pipeline_predict(model, images, role, seed=seed, deterministic=deterministic, micro_batches=3)
+                if logits is not None:
+                    whole = model.predict(images, seed=seed, deterministic=deterministic)
+                    results[f"pipeline deterministic={deterministic}"] = (logits - whole).abs().max().item()
+        if name == "data-dt":
+            results["norm classes"] = sorted({type(m).__name__ for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm1d)})
     resumed = train(run_config(tmp / "resumed-2", parallel="blocks", epochs=2, resume=str(tmp / "blocks" / sharded.NAME)), dataset=data())
     results["resumed-2"] = resumed.history
     return results
@@ -138,7 +148,7 @@ def one_thread():
 def parallel_runs(tmp_path_factory) -> tuple[pathlib.Path, dict]:
     tmp = tmp_path_factory.mktemp("parallel")
     outcomes = spawn(_scenarios, WORLD, (str(tmp),), timeout=SPAWN_TIMEOUT)
-    return tmp, outcomes[0].value
+    return tmp, {**outcomes[1].value, **outcomes[0].value}  # rank 0's runs; the last rank's pipeline logits
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -211,6 +221,16 @@ def test_data_mode_matches_one_process_on_the_whole_batch(parallel_runs, tmp_pat
     invariant = shift_invariant(run_config(tmp_path, **overrides)) if method == "dt" else set()
     assert_same_model(state, state_of(reference.model), invariant, STEPS)
     assert_same_metrics(history[0], reference.history[0])
+    if method == "dt":  # the returned model normalises locally again (it outlives the process group)
+        assert results["norm classes"] == ["StackedBatchNorm"]
+
+
+def test_pipelined_inference_is_the_models_prediction(parallel_runs):
+    """Blocks 0-1 on rank 0, 2-3 on rank 1, z sent across in 3 micro-batches: the logits of ``model.predict``
+    for the same seed (with the sampling noise: each micro-batch's rows of the whole batch's draws)."""
+    _, results = parallel_runs
+    assert results["pipeline deterministic=False"] <= 1e-5
+    assert results["pipeline deterministic=True"] <= 1e-5
 
 
 def test_resume_with_two_ranks_and_with_one(parallel_runs, tmp_path):

@@ -145,6 +145,8 @@ class _SyncedBatchNorm:
 class SyncedStackedBatchNorm(_SyncedBatchNorm, StackedBatchNorm):
     """:class:`noprop.stacked_layers.StackedBatchNorm` whose training statistics span every rank's rows."""
 
+    original_class = StackedBatchNorm
+
     def forward(self, x: torch.Tensor, blocks: range) -> torch.Tensor:  # type: ignore[override]
         if not self.training:
             return super().forward(x, blocks)
@@ -192,6 +194,14 @@ def synchronise_batch_norm(model: nn.Module, group=None, meter: CommMeter | None
         module.sync_group, module.sync_meter = group, meter
         changed += 1
     return changed
+
+
+def unsynchronise_batch_norm(model: nn.Module) -> None:
+    """Undo :func:`synchronise_batch_norm` in place (each layer back to its own class, which normalises locally)."""
+    for module in model.modules():
+        if isinstance(module, _SyncedBatchNorm):
+            module.__class__ = module.original_class
+            del module.sync_group, module.sync_meter
 
 
 def has_batch_norm(module: nn.Module) -> bool:

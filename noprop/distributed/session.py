@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from noprop.distributed import checkpoint as sharded
 from noprop.distributed import inference
-from noprop.distributed.comm import CommMeter, has_batch_norm
+from noprop.distributed.comm import CommMeter, has_batch_norm, unsynchronise_batch_norm
 from noprop.distributed.liveness import Liveness, RankLostError
 from noprop.distributed.steps import BlocksStep, DataStep
 from noprop.distributed.topology import Topology, launched_world_size, rank_device, resolve_backend, topology
@@ -212,9 +212,12 @@ class Session:
             torch.cuda.set_rng_state(rng["cuda"][rng.get("device_index", 0)], self.device)
 
     def finish(self, model) -> None:
-        """Blocks mode: give every rank every trained block, so the returned model is whole everywhere."""
+        """Leave a model that works outside the process group: in blocks mode every rank gets every trained
+        block; in data mode the BatchNorm layers normalise locally again."""
         if self.topology.mode == "blocks":
             inference.gather_blocks(model, self.topology, self.group)
+        else:
+            unsynchronise_batch_norm(model)
 
 
 class FullBatches:

@@ -122,6 +122,18 @@ class _Objective(nn.Module):
         return terms.total, terms.parts
 
 
+def _plain_strides(model: nn.Module) -> None:
+    """Give a parameter that is contiguous in both memory formats (a channels-last convolution with one
+    input channel) the default strides, the ones autograd gives its gradient: DDP compares gradient
+    and bucket strides literally and warns of a slow path otherwise. The memory order is the same."""
+    for p in model.parameters():
+        plain = [1] * p.dim()
+        for d in range(p.dim() - 2, -1, -1):
+            plain[d] = plain[d + 1] * p.shape[d + 1]
+        if p.is_contiguous() and list(p.stride()) != plain:
+            p.data = p.data.as_strided(p.shape, plain)
+
+
 class DataStep:
     """A callable ``(x, y, blocks=None) -> LossTerms`` that trains the whole model on this rank's rows of the batch.
 
@@ -150,6 +162,7 @@ class DataStep:
         self.model, self.optimizer, self.topology = model, optimizer, topology
         self.grad_clip = grad_clip
         synchronise_batch_norm(model, group, meter)
+        _plain_strides(model)
         device = next(model.parameters()).device
         # synchronised BatchNorm keeps the running statistics equal on every rank: no buffer broadcasts
         # (PyTorch 2.14 renamed the option; older releases know only broadcast_buffers)
