@@ -82,8 +82,8 @@ def test_paper_schedule_trains_one_block_per_pass(tmp_path):
 def test_nan_loss_stops_training_and_names_the_block(tmp_path, monkeypatch):
     original = NoPropDT.loss_terms
 
-    def poisoned(self, x, y, blocks=None):
-        terms = original(self, x, y, blocks)
+    def poisoned(self, x, y, *args, **kwargs):
+        terms = original(self, x, y, *args, **kwargs)
         l2 = terms.parts["l2"].clone()
         l2[1] = float("nan")
         return LossTerms(terms.total + l2.sum(), {**terms.parts, "l2": l2})
