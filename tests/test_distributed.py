@@ -190,11 +190,14 @@ def assert_same_model(got: dict, want: dict, invariant: set[str], steps: int) ->
             torch.testing.assert_close(got[name], value, **TOLERANCE, msg=name)
 
 
-def assert_same_metrics(got: dict, want: dict) -> None:
+def assert_same_metrics(got: dict, want: dict, examples: int = 48) -> None:
+    """Losses within float32 rounding; an accuracy within one of ``examples`` (a prediction within
+    rounding of a tie may go either way on another CPU)."""
     got, want = metrics(got), metrics(want)
     assert got.keys() == want.keys()
     for key, value in want.items():
-        torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64), torch.tensor(value, dtype=torch.float64), rtol=1e-5, atol=1e-6, msg=key)
+        atol = 1.01 / examples if key.endswith("accuracy") else 1e-6
+        torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64), torch.tensor(value, dtype=torch.float64), rtol=1e-5, atol=atol, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -319,7 +322,7 @@ def test_torchrun_blocks_then_eval_and_one_process_resume(tmp_path, capsys):
     trained = json.loads(summaries[0])
     assert main(["eval", "--checkpoint", str(out / sharded.NAME)]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["test_accuracy"] == trained["test_accuracy"] and evaluated["epoch"] == 1
+    assert abs(evaluated["test_accuracy"] - trained["test_accuracy"]) <= 1.01 / 32 and evaluated["epoch"] == 1  # one prediction may sit on a tie
     assert main(["train", "--resume", str(out / sharded.NAME), "--epochs", "2", "--no-progress"]) == 0
     assert (out / "checkpoint.pt").is_file() and not (out / sharded.NAME).exists()
 
