@@ -10,7 +10,7 @@ block at full width; the images are random, which does not change the work per s
 =================  ==============================================================================
 ``paper_loop``     Algorithm 1: block t trains on a whole pass before block t + 1 (one step = one block)
 ``seed_style``     every minibatch visits the T blocks one after another, one optimizer step each
-``stack_eager``    BlockStack: one step trains all T blocks at once, reference ops, eager
+``stack_eager``    BlockStack: one step trains all T blocks at once, ``backend="auto"`` (the default path), eager
 ``compiled_loop``  ``seed_style`` with every block's loss ``torch.compile``-d
 ``fused``          BlockStack + fused ops (+ the whole step captured in a CUDA graph on a GPU)
 ``fused_chunk1``   ``fused`` with ``block_chunk=1`` (activations of one block alive at a time)
@@ -90,7 +90,7 @@ def build_case(name: str, device: torch.device, T: int, width: float) -> tuple[C
             return paper_step, T
         return loop, 1
     fused = name.startswith("fused")
-    backend = _fused_backend(device) if fused else "reference"
+    backend = _fused_backend(device) if fused else "auto"
     model = NoPropDT(NUM_CLASSES, 1, 28, T=T, width=width, backend=backend).to(device)
     config = TrainConfig(cuda_graphs=fused and device.type == "cuda")
     step = TrainStep(

@@ -27,8 +27,21 @@ import torch
 from noprop import __version__
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_and_budget_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """``--dataset --data-dir --epochs --batch-size --lr --weight-decay``, shared by ``train`` and ``compare``
+    (``defaults``: a ``TrainConfig`` or ``CompareConfig``)."""
     from noprop.data import DATASETS
+
+    add = parser.add_argument
+    add("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
+    add("--data-dir", default=None, help="folder with local IDX (MNIST, Fashion-MNIST) or CIFAR python files")
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--lr", type=float, default=defaults.lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from noprop.embeddings import EMBEDDINGS
     from noprop.models import METHODS
     from noprop.models.dt import SCHEDULES
@@ -39,12 +52,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     add = parser.add_argument
     add("--method", choices=METHODS, default=defaults.method, help="NoProp variant or the back-propagation baseline")
-    add("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
-    add("--data-dir", default=None, help="folder with local IDX (MNIST, Fashion-MNIST) or CIFAR python files")
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, default=defaults.lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
+    _add_data_and_budget_arguments(parser, defaults)
     add("--T", type=int, default=None, help="number of blocks (DT, backprop; default 10)")
     add("--eta", type=float, default=None, help="L2 scale (default: the paper's, 0.1 for DT and 1 for CT)")
     add("--ode-steps", type=int, default=None, help="adjoint: Euler steps of the training solve (paper: 1000)")
@@ -202,7 +210,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     """``noprop compare``'s options: the comparison's own, and the training options every run shares."""
     from noprop.compare import CompareConfig
-    from noprop.data import DATASETS
     from noprop import backends
 
     defaults = CompareConfig()
@@ -213,12 +220,7 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     add("--inference-runs", type=int, default=defaults.inference_runs, help="evaluations of each model with fresh inference noise")
     add("--out", default=defaults.out, help="folder of the comparison: runs/, compare.json, compare.md, compare.png; "
         "rerunning the same command there continues it")
-    add("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
-    add("--data-dir", default=None, help="folder with local IDX (MNIST, Fashion-MNIST) or CIFAR python files")
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, default=defaults.lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
+    _add_data_and_budget_arguments(parser, defaults)
     add("--width", type=float, default=defaults.width, help="multiplier of the paper's layer widths")
     add("--T", type=int, default=None, help="number of blocks (DT, backprop; default 10)")
     add("--ode-steps", type=int, default=None, help="adjoint: Euler steps of the training solve (paper: 1000)")

@@ -6,25 +6,13 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.cpu_step import CountOps
 from bench.loops import SeedStyleLoop
 from conftest import fused_backend_or_skip
 from noprop import NoPropDT, backends
 from noprop.step import TrainStep, restore_optimizer_state_, snapshot_optimizer_state
 from noprop.train import TrainConfig, build_optimizer
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the ATen operations dispatched (each is at least one kernel launch on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _batch(B=16, seed=0):

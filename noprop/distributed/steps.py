@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from noprop.distributed.comm import CommMeter, all_reduce_gradients, counting_allreduce_hook, synchronise_batch_norm
 from noprop.distributed.topology import Topology, batch_rows
 from noprop.models import NoPropModel
-from noprop.models.dt import BatchRows
+from noprop.models.base import BatchRows
 from noprop.objectives import LossTerms
 from noprop.validation import check_positive_int
 

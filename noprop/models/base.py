@@ -25,6 +25,17 @@ class StepSeeds(NamedTuple):
     dropout: torch.Tensor
 
 
+class BatchRows(NamedTuple):
+    """Where a batch sits in a larger one: rows ``offset .. offset + B`` of a batch of ``total`` rows.
+
+    A data-parallel rank passes it to ``loss_terms`` so that its rows get the noise, times and
+    dropout masks they get in the whole batch.
+    """
+
+    offset: int
+    total: int
+
+
 class NoPropModel(nn.Module):
     """Base class of the NoProp models and the back-propagation baseline.
 

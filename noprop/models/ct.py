@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from noprop import ops
-from noprop.models.base import StepSeeds
-from noprop.models.dt import BatchRows
+from noprop.models.base import BatchRows, StepSeeds
 from noprop.models.ode import TimeConditionedModel
 from noprop.models.rows import dropout_keyword, noised_latents, uniform_times
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal

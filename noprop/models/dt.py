@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
 
 from noprop import ops
 from noprop.blocks import DropoutKey
-from noprop.models.base import NoPropModel, StepSeeds
+from noprop.models import rows as batch_rows
+from noprop.models.base import BatchRows, NoPropModel, StepSeeds
 from noprop.objectives import LossTerms, cross_entropy, kl_to_standard_normal
 from noprop.schedules import CosineSchedule
 from noprop.stack import BlockList, BlockStack, check_block_range
@@ -17,17 +18,6 @@ from noprop.user_blocks import FuncBlockStack
 from noprop.validation import check_choice, check_number, check_positive_int
 
 SCHEDULES = ("batched", "paper")
-
-
-class BatchRows(NamedTuple):
-    """Where a batch sits in a larger one: rows ``offset .. offset + B`` of a batch of ``total`` rows.
-
-    A data-parallel rank passes it so that its rows get the noise and dropout masks they get in
-    the whole batch.
-    """
-
-    offset: int
-    total: int
 
 
 class NoPropDT(NoPropModel):
@@ -126,13 +116,9 @@ class NoPropDT(NoPropModel):
         ``rows`` the rows ``offset .. offset + B`` of ``normal(seed, (T + 1, total, D))``. Every block's
         noise is its row of the whole, so it does not depend on which blocks a step trains.
         """
-        W = self.embedding.weight
-        if rows is None:
-            return ops.noised_latents(W, y, self.signal, self.noise, seed, backend=self.backend)
-        if rows.offset < 0 or rows.offset + y.shape[0] > rows.total:
-            raise ValueError(f"rows: {y.shape[0]} rows from {rows.offset} do not fit a batch of {rows.total}")
-        eps = ops.normal(seed, (self.T + 1, rows.total, W.shape[1]), backend=self.backend)[:, rows.offset : rows.offset + y.shape[0]]
-        return self.signal[:, None, None] * W[y] + self.noise[:, None, None] * eps.to(W.dtype)
+        B = y.shape[0]
+        signal, noise = self.signal[:, None].expand(-1, B), self.noise[:, None].expand(-1, B)
+        return batch_rows.noised_latents(self.embedding.weight, y, signal, noise, seed, rows, self.backend)
 
     def loss_terms(
         self,

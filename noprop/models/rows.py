@@ -1,7 +1,7 @@
 """The random draws of rows of a larger batch, for CT and FM in data-parallel training.
 
 A data-parallel rank trains on rows ``offset .. offset + B`` of a global batch of ``total`` rows
-(:class:`noprop.models.dt.BatchRows`). For its step to be the one-process step on the whole batch,
+(:class:`noprop.models.base.BatchRows`). For its step to be the one-process step on the whole batch,
 those rows must get the times and the noise they get in the whole batch: the times are rows of
 ``torch.rand(total)`` (every rank draws all of them from a generator in the same state), and the
 noise is rows of ``normal(seed, (k, total, D))``, the draw :func:`noprop.ops.noised_latents` makes
@@ -15,8 +15,7 @@ from torch import nn
 
 from noprop import ops
 from noprop.blocks import DropoutKey, TimeBlock
-from noprop.models.base import StepSeeds
-from noprop.models.dt import BatchRows
+from noprop.models.base import BatchRows, StepSeeds
 
 
 def row_span(rows: BatchRows | None, batch: int) -> tuple[int, int]:
