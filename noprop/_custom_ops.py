@@ -9,7 +9,8 @@ with its normalised inputs and outputs.
 ``row_sq_error[t, i] = ||u_hat[t, i] - target[t, i]||^2`` is the per-row error the loss forward
 saves so the weight gradient ``row_sq_error * grad_loss / B`` needs no second pass. Nothing of size
 ``T * B * D`` is saved for the backward: the noise is regenerated from the seed. ``latent_update``
-and ``stacked_linear`` save their inputs only.
+and ``stacked_linear`` save their inputs only. ``conv_epilogue`` saves its output ``y`` (which the
+next layer keeps anyway) and a one-byte argmax per pooled element, and never its input or a mask.
 
 The annotations stay real objects (no ``from __future__ import annotations``): ``custom_op``
 infers each schema from them, and older torch releases (2.4) may not resolve string annotations.
