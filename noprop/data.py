@@ -10,6 +10,10 @@ Sources, tried in this order:
 3. If the download fails (no network), scikit-learn's bundled 8x8 handwritten digits (1,797 real
    images): a loud warning says so and :attr:`ImageDataset.name` records the dataset actually used.
 
+``mnist-test-split`` is the MNIST *test* set alone, split 8,000 training / 2,000 test images
+(:func:`mnist_test_split`): the offline learning checks' data, read from a folder with the
+``t10k-*`` IDX files or from torchvision's MNIST test set.
+
 Images become float32, scaled to ``[0, 1]`` and standardised with the training set's per-channel
 mean and standard deviation (or with given statistics: a checkpoint's, so evaluation and resumed
 training see inputs exactly as the model was trained on them). Values are checked once here
@@ -40,7 +44,9 @@ DATASETS = {  # name: (channels, image size, classes)
     "fashion-mnist": (1, 28, 10),
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
+    "mnist-test-split": (1, 28, 10),  # MNIST's 10,000 test images split 8,000 / 2,000
 }
+MNIST_TEST_SPLIT = "mnist-test-split"
 OFFLINE_FALLBACK = "sklearn-digits"
 FALLBACK_TEST_FRACTION = 0.2
 @dataclass
@@ -106,7 +112,7 @@ class ImageDataset:
         }
 
 
-def _download_with_torchvision(name: str, root: pathlib.Path) -> dict[str, torch.Tensor]:
+def _download_with_torchvision(name: str, root: pathlib.Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, torch.Tensor]:
     import torchvision
 
     constructor = {
@@ -115,14 +121,14 @@ def _download_with_torchvision(name: str, root: pathlib.Path) -> dict[str, torch
         "cifar10": torchvision.datasets.CIFAR10,
         "cifar100": torchvision.datasets.CIFAR100,
     }[name]
-    splits = {}
-    for split in ("train", "test"):
+    arrays = {}
+    for split in splits:
         dataset = constructor(str(root), train=split == "train", download=True)
         images = torch.as_tensor(np.asarray(dataset.data))
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-        splits[f"{split}_x"] = images.contiguous()
-        splits[f"{split}_y"] = torch.as_tensor(np.asarray(dataset.targets)).long()
-    return splits
+        arrays[f"{split}_x"] = images.contiguous()
+        arrays[f"{split}_y"] = torch.as_tensor(np.asarray(dataset.targets)).long()
+    return arrays
 
 
 def _sklearn_digits(seed: int) -> dict[str, torch.Tensor]:
@@ -219,20 +225,41 @@ def _check_normalization(normalization: object, channels: int) -> tuple[torch.Te
 MNIST_TEST_SPLIT_TRAIN = 8000  # images of the MNIST test set used for training in the test-set split
 
 
-def mnist_test_split(folder: str | os.PathLike, train: int = MNIST_TEST_SPLIT_TRAIN) -> ImageDataset:
+def split_test_set(arrays: dict[str, torch.Tensor], train: int = MNIST_TEST_SPLIT_TRAIN) -> dict[str, torch.Tensor]:
+    """Its first ``train`` test images become the training split and the rest the test split.
+
+    ``arrays`` holds at least ``test_x`` ``[N, C, H, W]`` and ``test_y`` ``[N]``; the result has the
+    four keys of :func:`noprop.data_files.load_idx_folder`.
+    """
+    images, labels = arrays["test_x"], arrays["test_y"]
+    if not 0 < train < images.shape[0]:
+        raise ValueError(f"train: expected a count in (0, {images.shape[0]}), got {train}")
+    return {"train_x": images[:train], "train_y": labels[:train], "test_x": images[train:], "test_y": labels[train:]}
+
+
+def _read_mnist_test_set(directory: pathlib.Path) -> dict[str, torch.Tensor]:
+    names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"data_dir: {directory} lacks the MNIST test-set files {missing}")
+    return {"test_x": read_idx(directory / names[0]).unsqueeze(1), "test_y": read_idx(directory / names[1]).long()}
+
+
+def mnist_test_split(
+    folder: str | os.PathLike,
+    train: int = MNIST_TEST_SPLIT_TRAIN,
+    normalization: tuple[list[float], list[float]] | None = None,
+) -> ImageDataset:
     """The real MNIST *test* set (``t10k-*`` IDX files in ``folder``) split for offline learning checks.
 
     Its first ``train`` images (default 8,000) are the training set and the remaining ones (2,000)
-    the test set, standardised with the training part's statistics. Used where the 60,000 MNIST
-    training images cannot be downloaded (the learning tests, ``bench/accuracy.py``).
+    the test set, standardised with the training part's statistics (or ``normalization``). Used
+    where the 60,000 MNIST training images cannot be downloaded (the learning tests,
+    ``bench/accuracy.py``, ``--dataset mnist-test-split``).
     """
     directory = pathlib.Path(folder)
-    images = read_idx(directory / "t10k-images-idx3-ubyte.gz").unsqueeze(1)
-    labels = read_idx(directory / "t10k-labels-idx1-ubyte.gz").long()
-    if not 0 < train < images.shape[0]:
-        raise ValueError(f"train: expected a count in (0, {images.shape[0]}), got {train}")
-    arrays = {"train_x": images[:train], "train_y": labels[:train], "test_x": images[train:], "test_y": labels[train:]}
-    return from_uint8("mnist-test-split", "mnist", str(directory), arrays, 10)
+    arrays = split_test_set(_read_mnist_test_set(directory), train)
+    return from_uint8(MNIST_TEST_SPLIT, MNIST_TEST_SPLIT, f"local files in {directory}", arrays, 10, normalization=normalization)
 
 
 def default_root() -> pathlib.Path:
@@ -285,6 +312,8 @@ def load_dataset(
         directory = pathlib.Path(data_dir)
         if not directory.is_dir():
             raise ValueError(f"data_dir: {directory} is not a directory")
+        if name == MNIST_TEST_SPLIT:
+            return limit(mnist_test_split(directory, normalization=normalization), train_limit, eval_limit, seed)
         arrays = load_idx_folder(directory) if channels == 1 else load_cifar_folder(directory, num_classes)
         dataset = from_uint8(name, name, f"local files in {directory}", arrays, num_classes, normalization=normalization)
     else:
@@ -292,7 +321,10 @@ def load_dataset(
         try:
             if not download:
                 raise RuntimeError("downloads are disabled")
-            arrays = _download_with_torchvision(name, root)
+            if name == MNIST_TEST_SPLIT:
+                arrays = split_test_set(_download_with_torchvision("mnist", root, splits=("test",)))
+            else:
+                arrays = _download_with_torchvision(name, root)
             dataset = from_uint8(name, name, f"torchvision ({root})", arrays, num_classes, normalization=normalization)
         except Exception as error:  # no network, a broken mirror, a partial download
             reason = " ".join(str(error).split())[:300] or type(error).__name__

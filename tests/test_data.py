@@ -69,6 +69,22 @@ def test_real_mnist_test_set_reads(shared_mnist):
     assert set(labels.unique().tolist()) == set(range(10))
 
 
+def test_mnist_test_split_is_the_test_set_in_order(shared_mnist, tmp_path):
+    """``--dataset mnist-test-split``: the first 8,000 t10k images train, the last 2,000 test."""
+    images = read_idx(shared_mnist / "t10k-images-idx3-ubyte.gz").float() / 255
+    labels = read_idx(shared_mnist / "t10k-labels-idx1-ubyte.gz").long()
+    data = load_dataset("mnist-test-split", data_dir=shared_mnist)
+    assert data.name == data.requested == "mnist-test-split" and data.image_shape == (1, 28, 28)
+    assert torch.equal(data.train_y, labels[:8000]) and torch.equal(data.test_y, labels[8000:])
+    mean, std = images[:8000].mean().item(), images[:8000].std().item()
+    assert data.mean[0] == pytest.approx(mean, rel=1e-5) and data.std[0] == pytest.approx(std, rel=1e-4)
+    torch.testing.assert_close(data.test_x[:, 0], (images[8000:] - mean) / std, rtol=1e-4, atol=1e-4)
+    limited = load_dataset("mnist-test-split", data_dir=shared_mnist, train_limit=100, eval_limit=30)
+    assert limited.train_x.shape[0] == 100 and torch.equal(limited.test_y, labels[8000:8030])
+    with pytest.raises(ValueError, match="data_dir: .* lacks the MNIST test-set files"):
+        load_dataset("mnist-test-split", data_dir=tmp_path)
+
+
 def test_cifar_folder(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
