@@ -1,10 +1,13 @@
 """The default DT training step on the CPU against the seed-style loop and the machine's SGEMM rate.
 
 One process, one run: the library's default step (``BlockStack``, ``backend="auto"``: the
-extension's conv epilogue, fused AdamW) and the seed-style loop (:class:`bench.loops.SeedStyleLoop`:
-per-block modules with ``nn.Dropout``, foreach AdamW, the same block) are timed alternately,
-step for step, with a float32 SGEMM (``torch.mm`` of two ``n x n`` matrices) between them, so a
-load change on the machine hits all three alike. Reported: medians, the speed-up, the step's
+extension's conv epilogue, fused AdamW; the host-memory policy ``"reuse"`` that ``noprop train``
+sets on a CPU, :mod:`noprop.host_memory`) and the seed-style loop (:class:`bench.loops.SeedStyleLoop`:
+per-block modules with ``nn.Dropout``, foreach AdamW, the same block, under glibc's default
+allocation, ``"system"``) are timed alternately, step for step, with a float32 SGEMM (``torch.mm`` of
+two ``n x n`` matrices) between them, so a load change on the machine hits all of them alike. The
+seed-style loop is also timed under ``"reuse"`` (``seed_style_reuse``), which says how much of the
+speed-up is the allocation policy alone. Reported: medians, the speed-up, the step's
 FLOP rate (FLOPs counted by :func:`dt_step_flops`, not by ``FlopCounterMode``, which counts a
 grouped convolution T times over) as a fraction of the SGEMM rate, and ATen ops per step of
 both at several T (:class:`CountOps`).
@@ -21,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench.loops import SeedStyleLoop
 from noprop import NoPropDT
 from noprop.blocks import BlockConfig, POOLED_STAGES, flat_features
+from noprop.host_memory import set_host_memory
 from noprop.step import TrainStep
 from noprop.train import TrainConfig, build_optimizer
 
@@ -117,17 +121,19 @@ def measure(T: int = 10, batch_size: int = 128, rounds: int = 10, warmup: int = 
                for _ in range(4)]
     a, b = torch.randn(gemm_size, gemm_size, generator=g), torch.randn(gemm_size, gemm_size, generator=g)
     fused, seed = default_step(T, width), seed_style_loop(T, width)
-    for i in range(warmup):
-        fused(*batches[i % 4])
-        seed(*batches[i % 4])
-        sgemm_seconds(a, b)
-    times = {"default": [], "seed_style": [], "sgemm": []}
-    for i in range(rounds):
-        for name, run in (("default", fused), ("seed_style", seed)):
+    cases = (("default", fused, "reuse"), ("seed_style", seed, "system"), ("seed_style_reuse", seed, "reuse"))
+    times = {name: [] for name, _, _ in cases} | {"sgemm": []}
+    for i in range(warmup + rounds):
+        for name, run, policy in cases:
+            set_host_memory(policy, release=False)
             begin = time.perf_counter()
             run(*batches[i % 4])
-            times[name].append(time.perf_counter() - begin)
-        times["sgemm"].append(sgemm_seconds(a, b))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - begin)
+        seconds = sgemm_seconds(a, b)
+        if i >= warmup:
+            times["sgemm"].append(seconds)
+    set_host_memory("system")
     median = {name: statistics.median(values) for name, values in times.items()}
     step_flops = dt_step_flops(T, batch_size, fused.model.blocks.config)
     sgemm_rate = 2 * gemm_size**3 / median["sgemm"]
@@ -143,9 +149,11 @@ def measure(T: int = 10, batch_size: int = 128, rounds: int = 10, warmup: int = 
         "width": width,
         "rounds": rounds,
         "torch_threads": torch.get_num_threads(),
-        "step_seconds_median": {"default": median["default"], "seed_style": median["seed_style"]},
-        "step_seconds_all": {"default": times["default"], "seed_style": times["seed_style"]},
+        "host_memory": {name: policy for name, _, policy in cases},
+        "step_seconds_median": {name: median[name] for name, _, _ in cases},
+        "step_seconds_all": {name: times[name] for name, _, _ in cases},
         "speedup_vs_seed_style": median["seed_style"] / median["default"],
+        "speedup_vs_seed_style_reuse": median["seed_style_reuse"] / median["default"],
         "step_gflop": step_flops / 1e9,
         "step_gflop_per_second": step_rate / 1e9,
         "sgemm": {"n": gemm_size, "seconds_median": median["sgemm"], "gflop_per_second": sgemm_rate / 1e9},

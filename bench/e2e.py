@@ -22,7 +22,9 @@ times as many one-block steps for ``paper_loop``. Each case is timed for ``--ste
 median step time times the steps per epoch. GPU steps are timed with CUDA events; CPU steps with
 ``time.perf_counter``. Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the case
 (model, optimizer state, activations; the batch pool excluded); on the CPU every case runs in a
-subprocess of its own and reports that process's maximum resident set size.
+subprocess of its own and reports that process's maximum resident set size. On the CPU the
+library's cases run under the host-memory policy ``noprop train`` sets (``"reuse"``,
+:mod:`noprop.host_memory`) and the user-written loops under glibc's default allocation (``"system"``).
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ from noprop import NoPropCT, NoPropDT, NoPropFM
 from bench import cpu_step
 from bench.environment import REPO, device_name, device_tag, utc_now, versions
 from bench.loops import SeedStyleLoop
+from noprop.host_memory import set_host_memory
 from noprop.step import TrainStep
 from noprop.timing import cuda_event_times
 from noprop.train import TrainConfig, build_optimizer
 
 TRAIN_CASES = ("paper_loop", "seed_style", "stack_eager", "compiled_loop", "fused", "fused_chunk1")
 BASELINE = "seed_style"
+LOOP_CASES = ("paper_loop", "seed_style", "compiled_loop")  # user-written loops: no library settings
 DATASET_SIZE = 60_000
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
@@ -76,7 +80,7 @@ def _fused_backend(device: torch.device) -> str:
 def build_case(name: str, device: torch.device, T: int, width: float) -> tuple[Callable, int]:
     """The step function of a training case and how many of its steps make one epoch per batch."""
     torch.manual_seed(0)
-    if name in ("paper_loop", "seed_style", "compiled_loop"):
+    if name in LOOP_CASES:
         model = NoPropDT(NUM_CLASSES, 1, 28, T=T, width=width, schedule="paper", backend="reference").to(device)
         loop = SeedStyleLoop(model, compile=name == "compiled_loop")
         if name == "paper_loop":
@@ -145,6 +149,8 @@ def run_training_case(name: str, device: torch.device, T: int, width: float, bat
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # what noprop train sets for the library's cases; glibc's default allocation for a user's loop
+        set_host_memory("system" if name in LOOP_CASES else "reuse")
     step, per_batch = build_case(name, device, T, width)
     seconds = time_steps(step, batches, warmup, steps, device)
     median = statistics.median(seconds)

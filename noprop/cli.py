@@ -47,6 +47,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from noprop.models.dt import SCHEDULES
     from noprop import backends
     from noprop.config import DIST_BACKENDS, PARALLEL_MODES
+    from noprop.host_memory import HOST_MEMORY_POLICIES
     from noprop.train import TrainConfig
 
     defaults = TrainConfig()
@@ -68,7 +69,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "on --resume the checkpoint's folder); a folder holding another run is refused")
     add("--overwrite", action="store_true", help="replace the run already in --out")
     add("--resume", default=None, metavar="CKPT", help="continue the run saved in this checkpoint (its settings; "
-        "--epochs, --data-dir, --out, --device, --backend, --compile, --block-chunk, --precision may change)")
+        "--epochs, --data-dir, --out, --device, --backend, --compile, --block-chunk, --precision, --host-memory may change)")
     add("--train-limit", type=int, default=None, metavar="N", help="train on a random N training images")
     add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
     add("--inference-steps", type=int, default=None, metavar="N", help="CT/FM/adjoint inference steps (default 1000)")
@@ -79,6 +80,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", help="torch.compile the loss (and the optimizer step on a GPU)")
     add("--cuda-graphs", action="store_true", help="capture the whole training step in a CUDA graph (GPU)")
     _add_precision_argument(parser, defaults.precision, "training and evaluation")
+    add("--host-memory", choices=HOST_MEMORY_POLICIES, default=defaults.host_memory,
+        help="on a CPU: 'reuse' keeps freed large buffers in the C heap for the next step (no page faults on every "
+        "step's activations; the process keeps its peak memory), 'system' maps blocks of 32 MiB and more anew, as glibc does by default")
     add("--parallel", choices=PARALLEL_MODES, default=defaults.parallel,
         help="under torchrun --nproc-per-node N: 'blocks' splits DT's T blocks over the ranks (DT only: CT and FM have one "
         "shared network), 'data' splits every batch's rows (DT, CT, FM); a resumed run takes it from its own launch")

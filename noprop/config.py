@@ -18,6 +18,7 @@ import torch
 
 from noprop.data import ImageDataset
 from noprop.models import METHODS, MODELS
+from noprop.host_memory import HOST_MEMORY_POLICIES
 from noprop.precision import check_precision
 from noprop.validation import check_choice, check_number, check_positive_int
 
@@ -33,7 +34,7 @@ APPLIES_TO = {  # option: the methods it means something to (elsewhere it is ref
 # options a resumed run may change; every other one must match the checkpoint's run
 RESUME_MAY_CHANGE = (
     "epochs", "out", "progress", "device", "resume", "data_dir", "overwrite", "backend", "compile", "block_chunk", "precision",
-    "parallel", "dist_backend", "dist_timeout",
+    "host_memory", "parallel", "dist_backend", "dist_timeout",
 )
 # how a run is launched, not what it trains: a resumed run takes them from its own launch (default: one process)
 LAUNCH_OPTIONS = ("parallel", "dist_backend", "dist_timeout")
@@ -68,6 +69,10 @@ class TrainConfig:
     ``overwrite`` lets a new run replace the run already in ``out`` (otherwise refused).
     ``precision`` is ``"fp32"``, ``"tf32"`` or ``"bf16"`` (:mod:`noprop.precision`: TF32 matmuls
     around every training step and evaluation, or bfloat16 autocast there).
+    ``host_memory`` (:mod:`noprop.host_memory`, applied to the whole process when the run is on a
+    CPU): ``"reuse"`` keeps freed large buffers in the C heap for the next step instead of
+    returning them to the system (no page faults on every step's activations), ``"system"``
+    maps blocks of 32 MiB and more anew and returns them, as glibc does by default.
     ``parallel`` (:mod:`noprop.distributed`, under ``torchrun``): ``"blocks"`` splits NoProp-DT's
     T blocks over the ranks, ``"data"`` splits the rows of every batch (DT, CT, FM; the baselines
     run in one process); ``dist_backend`` is the process group's backend (``auto``: ``nccl`` on
@@ -104,6 +109,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False
     precision: str = "fp32"
+    host_memory: str = "reuse"
     parallel: str = "none"
     dist_backend: str = "auto"
     dist_timeout: float = 300.0
@@ -113,6 +119,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_precision(self.precision)
+        check_choice("host_memory", self.host_memory, HOST_MEMORY_POLICIES)
         for name in ("epochs", "batch_size"):
             check_positive_int(name, getattr(self, name))
         for name in ("T", "ode_steps", "inference_steps", "block_chunk", "embedding_dim", "train_limit", "eval_limit"):

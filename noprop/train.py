@@ -47,6 +47,7 @@ from noprop.data import BatchLoader, ImageDataset, load_dataset
 from noprop.distributed.session import open_session
 from noprop.models import NoPropModel, build_model
 from noprop.objectives import LossTerms
+from noprop.host_memory import set_host_memory
 from noprop.precision import check_backend, precision_scope
 from noprop.run_folder import (
     TrainingInterrupted,
@@ -254,6 +255,8 @@ def _train(
     if config.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs: capturing the step needs a CUDA device, the run is on {device}")
     check_backend(config.precision, config.backend, device)
+    if device.type == "cpu":
+        set_host_memory(config.host_memory)
     continuing = checkpoint_path is not None and out == checkpoint_path.resolve().parent
     replace = bool(check_out(out, config, continuing)) and not continuing
     _set_seeds(config.seed)

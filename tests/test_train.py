@@ -131,3 +131,13 @@ def test_bad_dataset_and_data_dir_are_named(tmp_path):
         train(config(tmp_path, dataset="imagenet"))
     with pytest.raises(ValueError, match="data_dir"):
         train(config(tmp_path, data_dir=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("policy", ["reuse", "system"])
+def test_a_cpu_run_sets_its_host_memory_policy(tmp_path, monkeypatch, policy):
+    import noprop.train as train_module
+
+    applied = []
+    monkeypatch.setattr(train_module, "set_host_memory", applied.append)
+    train(config(tmp_path, epochs=1, device="cpu", host_memory=policy), dataset=tiny_digits())
+    assert applied == [policy]
