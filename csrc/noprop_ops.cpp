@@ -16,6 +16,7 @@
 
 #include "noprop_math.h"
 #include "noprop_ops.h"
+#include "philox_lanes.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
 #define NOPROP_CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -572,42 +573,47 @@ struct Strides4 {
   explicit Strides4(const at::Tensor& t) : b(t.stride(0)), k(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
 
-// The keep flags of elements first .. first + n - 1 of one (row, block, stream): the Philox draws of
-// their groups of four (a loop over consecutive counters, which vectorises), then one comparison each.
-NOPROP_CPU_DISPATCH
-void dropout_keep_run(PhiloxKey key, uint32_t first, int64_t n, uint32_t row, uint32_t block, uint32_t stream, float p,
-                      std::vector<uint32_t>& words, uint8_t* keep) {
-  constexpr int kLanes = 16;  // groups drawn side by side: each round is one loop over lanes, which vectorises
-  const uint32_t first_group = first >> 2;
-  const int64_t groups = ((static_cast<int64_t>(first) + n - 1) >> 2) - first_group + 1;
-  const int64_t padded = (groups + kLanes - 1) / kLanes * kLanes;
-  words.resize(4 * padded);
-  uint32_t* out = words.data();
-  for (int64_t g0 = 0; g0 < padded; g0 += kLanes) {
-    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) c0[l] = first_group + static_cast<uint32_t>(g0 + l), c1[l] = row, c2[l] = block, c3[l] = stream;
-    uint32_t k0 = key.k0, k1 = key.k1;
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      for (int l = 0; l < kLanes; ++l) {
-        const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
-        const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
-        const uint32_t n0 = static_cast<uint32_t>(prod_b >> 32) ^ c1[l] ^ k0;
-        const uint32_t n2 = static_cast<uint32_t>(prod_a >> 32) ^ c3[l] ^ k1;
-        c1[l] = static_cast<uint32_t>(prod_b);
-        c3[l] = static_cast<uint32_t>(prod_a);
-        c0[l] = n0;
-        c2[l] = n2;
+// Per-thread scratch of the dropout draws of one pixel: the lane table of the (block, group of four)
+// pairs (rebuilt when the pixel's group count changes) and the drawn words.
+struct DropoutScratch {
+  int64_t groups = -1, blocks = -1;
+  std::vector<uint32_t> group_of_lane, block_of_lane, words;
+
+  // Lanes j * groups + g for block j < blocks and group g < groups, padded to kPhiloxLanes.
+  void set_lanes(int64_t groups_, int64_t blocks_) {
+    if (groups_ == groups && blocks_ == blocks) return;
+    groups = groups_, blocks = blocks_;
+    const int64_t padded = (groups * blocks + kPhiloxLanes - 1) / kPhiloxLanes * kPhiloxLanes;
+    group_of_lane.assign(padded, 0);
+    block_of_lane.assign(padded, 0);
+    words.resize(4 * padded);
+    for (int64_t j = 0; j < blocks; ++j)
+      for (int64_t g = 0; g < groups; ++g) {
+        group_of_lane[j * groups + g] = static_cast<uint32_t>(g);
+        block_of_lane[j * groups + g] = static_cast<uint32_t>(j);
       }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      uint32_t* w = out + 4 * (g0 + l);
-      w[0] = c0[l], w[1] = c1[l], w[2] = c2[l], w[3] = c3[l];
-    }
   }
+};
+
+// keep[i] = uniform(word[i]) >= p for i < n (one comparison per element; vectorises).
+NOPROP_CPU_DISPATCH
+void keep_from_words(const uint32_t* word, int64_t n, float p, uint8_t* keep) {
+  for (int64_t i = 0; i < n; ++i) keep[i] = uniform_from_word(word[i]) >= p;
+}
+
+// The keep flags of elements first .. first + C - 1 of blocks block0 .. block0 + blocks - 1 (one row
+// and stream): keep[j * C + i] for element first + i of block block0 + j. Every (block, group of four)
+// pair's Philox draw side by side (philox_lanes), then one comparison per element.
+void dropout_keep_pixel(PhiloxKey key, uint32_t first, int64_t C, int64_t blocks, uint32_t row, uint32_t block0,
+                        uint32_t stream, float p, DropoutScratch& scratch, uint8_t* keep) {
+  const uint32_t first_group = first >> 2;
+  const int64_t groups = ((static_cast<int64_t>(first) + C - 1) >> 2) - first_group + 1;
+  scratch.set_lanes(groups, blocks);
+  const int64_t lanes = static_cast<int64_t>(scratch.group_of_lane.size());
+  philox_lanes(scratch.group_of_lane.data(), scratch.block_of_lane.data(), first_group, row, block0, stream, key, lanes,
+               scratch.words.data());
   const uint32_t lane = first & 3u;
-  for (int64_t i = 0; i < n; ++i) keep[i] = uniform_from_word(out[lane + i]) >= p;
+  for (int64_t j = 0; j < blocks; ++j) keep_from_words(scratch.words.data() + 4 * j * groups + lane, C, p, keep + j * C);
 }
 
 // The 2x2 window maxima of K channels with unit channel stride (channels-last input), branch-free so
@@ -646,7 +652,7 @@ void store_pixel(const float* value, const uint8_t* keep, const uint8_t* index, 
 struct PixelScratch {
   std::vector<float> value;
   std::vector<uint8_t> index, keep;
-  std::vector<uint32_t> words;
+  DropoutScratch dropout;
   explicit PixelScratch(int64_t K) : value(K), index(K), keep(K, 1) {}
 };
 
@@ -672,11 +678,7 @@ void epilogue_pixel(const float* x, const Strides4& xs, float* y, uint8_t* argma
       index[k] = m.index;
     }
   }
-  if (p > 0.0f) {
-    for (int64_t j = 0; j < s.K / s.C; ++j)
-      dropout_keep_run(key, first_element, s.C, row, block_offset + static_cast<uint32_t>(j), stream, p, scratch.words,
-                       keep + j * s.C);
-  }
+  if (p > 0.0f) dropout_keep_pixel(key, first_element, s.C, s.K / s.C, row, block_offset, stream, p, scratch.dropout, keep);
   store_pixel(value, keep, index, y, argmax, b * ys.b + ho * ys.h + wo * ys.w, ys.k, s.K, pooled, scale);
 }
 
@@ -838,4 +840,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True if the extension was built with its CUDA kernels.");
+  m.def(
+      "philox_isa", [] { return noprop::philox_isa_name(noprop::philox_isa()); },
+      "The instruction set of the CPU dropout draws (portable, avx2 or avx512).");
+  m.def("supported_philox_isas", &noprop::supported_philox_isas,
+        "The instruction sets this CPU offers the CPU dropout draws, portable first.");
+  m.def("set_philox_isa", &noprop::set_philox_isa, "Make the CPU dropout draws use this instruction set (for tests).");
 }

@@ -346,3 +346,40 @@ def test_cuda_training_step_is_graph_capturable():
     eager = step()
     for expected, actual in zip(eager, captured):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.fixture
+def restore_philox_isa():
+    chosen = _MODULE.philox_isa()
+    yield
+    _MODULE.set_philox_isa(chosen)
+
+
+# (B, K, H, W, blocks): 4, 32 and 64 channels per block (groups of four aligned), 5 and 7 (groups
+# straddling pixels), one block to eleven (lane tables of 2..176 lanes, padded to 16).
+ISA_SHAPES = [(3, 5 * 7, 9, 7, 5), (2, 3 * 32, 6, 6, 3), (2, 2 * 64, 5, 5, 2), (2, 11 * 4, 3, 5, 11), (1, 7, 4, 4, 1)]
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("pooled", [True, False])
+def test_every_instruction_set_draws_the_contract_mask(isa, pooled, restore_philox_isa):
+    """The CPU dropout draws (philox_lanes: portable C++, AVX2, AVX-512) give the reference's mask and values bit for bit."""
+    if isa not in _MODULE.supported_philox_isas():
+        pytest.skip(f"this CPU lacks {isa} (it has {_MODULE.supported_philox_isas()})")
+    from noprop import ops
+
+    _MODULE.set_philox_isa(isa)
+    assert _MODULE.philox_isa() == isa
+    for i, (B, K, H, W, blocks) in enumerate(ISA_SHAPES):
+        x = torch.randn(B, K, H, W, generator=torch.Generator().manual_seed(i)).contiguous(memory_format=torch.channels_last)
+        kwargs = dict(pooled=pooled, p=0.3, seed=2**40 + 17 * i, blocks=blocks, block_offset=3, row_offset=9, stream=2)
+        expected = ops.conv_epilogue(x, backend="reference", **kwargs)
+        y = ops.conv_epilogue(x, backend="extension", **kwargs)
+        assert torch.equal(y != 0, expected != 0), (isa, (B, K, H, W, blocks))
+        assert_close(y, expected)
+
+
+def test_an_unknown_or_unsupported_instruction_set_is_refused(restore_philox_isa):
+    with pytest.raises(RuntimeError, match="isa: expected one of portable, avx2, avx512, got 'sse9'"):
+        _MODULE.set_philox_isa("sse9")
+    assert _MODULE.supported_philox_isas()[0] == "portable" and _MODULE.philox_isa() in _MODULE.supported_philox_isas()
