@@ -17,12 +17,12 @@ from noprop.host_memory import _glibc, set_host_memory
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAGES = 16384  # a 64 MiB tensor in 4 KiB pages
 
-# Allocates, fills and frees a 64 MiB tensor four times under a policy; prints each round's minor page faults.
+# Allocates, fills and frees a 64 MiB tensor 12 times under a policy; prints each round's minor page faults.
 PROBE = """
 import resource, sys, torch
 from noprop.host_memory import set_host_memory
 assert set_host_memory(sys.argv[1])
-for _ in range(4):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffer = torch.empty(64 * 2**20 // 4)
     buffer.fill_(1.0)
@@ -48,7 +48,10 @@ def transparent_huge_pages_always() -> bool:
 def test_reuse_serves_a_repeated_large_allocation_from_the_heap():
     faults = page_faults("reuse")
     assert faults[0] >= PAGES // 2, f"the first 64 MiB must be faulted in: {faults}"
-    assert max(faults[2:]) < PAGES // 10, f"freed blocks are reused without page faults after a warm-up: {faults}"
+    # The first rounds may still map new memory: the small remainders posix_memalign splits off a
+    # block go to glibc's per-thread cache (up to 7 of a size), where they keep the freed block from
+    # merging with the heap's free top. Measured: from the fifth round on, none fault.
+    assert max(faults[6:]) < PAGES // 10, f"freed blocks are reused without page faults after a warm-up: {faults}"
 
 
 @needs_glibc
