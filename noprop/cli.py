@@ -207,7 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
     check_backend(config.precision, model.backend, device)
     torch.manual_seed(config.seed)
     accuracy, _ = evaluate(model, dataset.test_x, dataset.test_y, **inference_kwargs(config), precision=config.precision)
-    print(json.dumps({"checkpoint": args.checkpoint, "method": state["method"], "epoch": state["epoch"], "dataset": dataset.name, "test_examples": int(dataset.test_x.shape[0]), "precision": config.precision, "test_accuracy": accuracy}))
+    print(json.dumps({"checkpoint": args.checkpoint, "method": state["method"], "epoch": state["epoch"], "dataset": dataset.name, "test_examples": int(dataset.test_x.shape[0]), "precision": config.precision, "inference": inference_kwargs(config), "test_accuracy": accuracy}))
     return 0
 
 

@@ -40,6 +40,7 @@ def test_train_then_eval_from_a_data_dir(tmp_path, capsys):
     # gives exactly the accuracy the trainer measured after the last epoch (a multiple of 1/32)
     assert result["test_examples"] == 32 and result["test_accuracy"] == summary["test_accuracy"]
     assert (result["test_accuracy"] * 32) == round(result["test_accuracy"] * 32)
+    assert result["inference"] == {"steps": None, "solver": None, "deterministic": True}, "eval says how it sampled"
 
 
 @pytest.mark.parametrize(
