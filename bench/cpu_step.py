@@ -5,9 +5,10 @@ extension's conv epilogue, fused AdamW; the host-memory policy ``"reuse"`` that 
 sets on a CPU, :mod:`noprop.host_memory`) and the seed-style loop (:class:`bench.loops.SeedStyleLoop`:
 per-block modules with ``nn.Dropout``, foreach AdamW, the same block, under glibc's default
 allocation, ``"system"``) are timed alternately, step for step, with a float32 SGEMM (``torch.mm`` of
-two ``n x n`` matrices) between them, so a load change on the machine hits all of them alike. The
-seed-style loop is also timed under ``"reuse"`` (``seed_style_reuse``), which says how much of the
-speed-up is the allocation policy alone. Reported: medians, the speed-up, the step's
+two ``n x n`` matrices) between them, so a load change on the machine hits all of them alike. Two
+more cases in the same rotation say how much of the speed-up is the allocation policy: the
+default step under glibc's default allocation (``default_system``) and the seed-style loop under
+``"reuse"`` (``seed_style_reuse``). Reported: medians, the speed-up, the step's
 FLOP rate (FLOPs counted by :func:`dt_step_flops`, not by ``FlopCounterMode``, which counts a
 grouped convolution T times over) as a fraction of the SGEMM rate, and ATen ops per step of
 both at several T (:class:`CountOps`).
@@ -121,7 +122,8 @@ def measure(T: int = 10, batch_size: int = 128, rounds: int = 10, warmup: int = 
                for _ in range(4)]
     a, b = torch.randn(gemm_size, gemm_size, generator=g), torch.randn(gemm_size, gemm_size, generator=g)
     fused, seed = default_step(T, width), seed_style_loop(T, width)
-    cases = (("default", fused, "reuse"), ("seed_style", seed, "system"), ("seed_style_reuse", seed, "reuse"))
+    cases = (("default", fused, "reuse"), ("seed_style", seed, "system"), ("default_system", fused, "system"),
+             ("seed_style_reuse", seed, "reuse"))
     times = {name: [] for name, _, _ in cases} | {"sgemm": []}
     for i in range(warmup + rounds):
         for name, run, policy in cases:
@@ -154,6 +156,7 @@ def measure(T: int = 10, batch_size: int = 128, rounds: int = 10, warmup: int = 
         "step_seconds_all": {name: times[name] for name, _, _ in cases},
         "speedup_vs_seed_style": median["seed_style"] / median["default"],
         "speedup_vs_seed_style_reuse": median["seed_style_reuse"] / median["default"],
+        "speedup_default_system_vs_seed_style": median["seed_style"] / median["default_system"],
         "step_gflop": step_flops / 1e9,
         "step_gflop_per_second": step_rate / 1e9,
         "sgemm": {"n": gemm_size, "seconds_median": median["sgemm"], "gflop_per_second": sgemm_rate / 1e9},

@@ -134,7 +134,7 @@ def test_cpu_step_measurement_structure():
     result = cpu_step.measure(T=2, batch_size=4, rounds=2, warmup=0, gemm_size=64, ops_T=(2, 4), width=0.125)
     assert len(result["step_seconds_all"]["default"]) == 2 and result["sgemm"]["gflop_per_second"] > 0
     assert result["speedup_vs_seed_style"] == result["step_seconds_median"]["seed_style"] / result["step_seconds_median"]["default"]
-    assert result["host_memory"] == {"default": "reuse", "seed_style": "system", "seed_style_reuse": "reuse"}
+    assert result["host_memory"] == {"default": "reuse", "seed_style": "system", "default_system": "system", "seed_style_reuse": "reuse"}
     assert all(len(seconds) == 2 for seconds in result["step_seconds_all"].values())
     assert result["aten_ops_ratio"] > 1, "the seed-style loop dispatches more ops (5x at T = 10: tests/test_step.py)"
     labels = [label for label, *_ in cpu_step.criteria(result)]
