@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from noprop.data_files import load_cifar_folder, load_idx_folder, read_idx, reason
+from noprop.data_files import load_cifar_folder, load_idx_folder, reason
 from noprop.validation import check_choice
 
 DATASETS = {  # name: (channels, image size, classes)
@@ -44,7 +44,7 @@ DATASETS = {  # name: (channels, image size, classes)
     "fashion-mnist": (1, 28, 10),
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
-    "mnist-test-split": (1, 28, 10),  # MNIST's 10,000 test images split 8,000 / 2,000
+    "mnist-test-split": (1, 28, 10),  # MNIST's 10,000 test images split 8,000 / 2,000 (MNIST_TEST_SPLIT)
 }
 MNIST_TEST_SPLIT = "mnist-test-split"
 OFFLINE_FALLBACK = "sklearn-digits"
@@ -237,14 +237,6 @@ def split_test_set(arrays: dict[str, torch.Tensor], train: int = MNIST_TEST_SPLI
     return {"train_x": images[:train], "train_y": labels[:train], "test_x": images[train:], "test_y": labels[train:]}
 
 
-def _read_mnist_test_set(directory: pathlib.Path) -> dict[str, torch.Tensor]:
-    names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-    missing = [name for name in names if not (directory / name).is_file()]
-    if missing:
-        raise ValueError(f"data_dir: {directory} lacks the MNIST test-set files {missing}")
-    return {"test_x": read_idx(directory / names[0]).unsqueeze(1), "test_y": read_idx(directory / names[1]).long()}
-
-
 def mnist_test_split(
     folder: str | os.PathLike,
     train: int = MNIST_TEST_SPLIT_TRAIN,
@@ -258,7 +250,7 @@ def mnist_test_split(
     ``bench/accuracy.py``, ``--dataset mnist-test-split``).
     """
     directory = pathlib.Path(folder)
-    arrays = split_test_set(_read_mnist_test_set(directory), train)
+    arrays = split_test_set(load_idx_folder(directory, ("test_x", "test_y"), what="MNIST test-set files"), train)
     return from_uint8(MNIST_TEST_SPLIT, MNIST_TEST_SPLIT, f"local files in {directory}", arrays, 10, normalization=normalization)
 
 

@@ -71,27 +71,31 @@ def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     return None
 
 
-def load_idx_folder(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The four MNIST-format IDX files found (recursively) in ``directory``, as uint8 tensors.
+def load_idx_folder(
+    directory: str | os.PathLike, keys: tuple[str, ...] = tuple(IDX_FILES), what: str = "IDX files"
+) -> dict[str, torch.Tensor]:
+    """The MNIST-format IDX files of ``keys`` found (recursively) in ``directory``, as uint8 tensors.
 
-    Returns ``{"train_x": [N, 1, H, W], "train_y": [N], "test_x": ..., "test_y": ...}``.
+    Returns ``{"train_x": [N, 1, H, W], "train_y": [N], "test_x": ..., "test_y": ...}`` (the
+    entries of ``keys``); ``what`` names the files in the error for missing ones.
 
     Raises:
         ValueError: a file is missing (the message lists what was looked for).
     """
     directory = pathlib.Path(directory)
-    found = {key: _find_file(directory, stem) for key, stem in IDX_FILES.items()}
+    found = {key: _find_file(directory, IDX_FILES[key]) for key in keys}
     missing = [IDX_FILES[key] for key, path in found.items() if path is None]
     if missing:
-        raise ValueError(f"data_dir: {directory} lacks the IDX files {missing} (optionally .gz)")
+        raise ValueError(f"data_dir: {directory} lacks the {what} {missing} (optionally .gz)")
     arrays = {key: read_idx(path) for key, path in found.items()}
     for key, path in found.items():
         wanted = 3 if key.endswith("_x") else 1
         if arrays[key].dim() != wanted:
-            what = "images [N, H, W]" if wanted == 3 else "labels [N]"
-            raise ValueError(f"{path}: expected {what}, got an IDX array of shape {list(arrays[key].shape)}")
-    arrays["train_x"] = arrays["train_x"].unsqueeze(1)
-    arrays["test_x"] = arrays["test_x"].unsqueeze(1)
+            expected = "images [N, H, W]" if wanted == 3 else "labels [N]"
+            raise ValueError(f"{path}: expected {expected}, got an IDX array of shape {list(arrays[key].shape)}")
+    for key in keys:
+        if key.endswith("_x"):
+            arrays[key] = arrays[key].unsqueeze(1)
     return arrays
 
 
